@@ -1,0 +1,132 @@
+"""The ``mlearn`` command: ``train``, ``eval``, ``export``.
+
+Bad input (missing file, unknown key or name) ends with one ``mlearn <cmd>: error: ...`` line and a
+non-zero exit status; set ``MLEARN_DEBUG=1`` to see the full traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+USAGE = """usage: mlearn <command> [options]
+
+commands:
+  train    train an embedding model (LightningCLI: --config FILE.yaml, dotted overrides)
+  eval     evaluate a run dir / checkpoint / ONNX model on a benchmark suite
+  export   export a trained backbone to ONNX with a parity check
+  data     inspect a dataset (counts, class sizes, corrupt records) or convert rec <-> folder
+
+`mlearn <command> --help` lists each command's options."""
+
+
+class UsageError(Exception):
+    """A user mistake the CLI reports in one line."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from mlearn import __version__
+
+        print(f"mlearn {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"mlearn: error: unknown command '{command}'; known: {sorted(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[command](rest)
+    except (UsageError, FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        if os.environ.get("MLEARN_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"mlearn {command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def train(argv: List[str]) -> int:
+    from mlearn.train_cli import run_training
+
+    return run_training(argv)
+
+
+def evaluate(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlearn eval", description="Evaluate a model on a benchmark suite.")
+    parser.add_argument("--model", required=True, help="run dir, .ckpt or .onnx")
+    parser.add_argument("--suite", required=True, help="suite YAML, e.g. evaluation/face_bins.yaml")
+    parser.add_argument("--data-root", default=None, help="folder the suite's relative paths start from")
+    parser.add_argument("--out", default=None, help="output dir (default: <run dir>/eval/<suite>)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    from mlearn.evaluation.suite import run_suite
+    from mlearn.inference import load_model
+
+    suite = Path(args.suite)
+    if not suite.is_file():
+        raise FileNotFoundError(f"suite not found: {suite} (see evaluation/*.yaml)")
+    model_path = Path(args.model)
+    out = Path(args.out) if args.out else _default_eval_dir(model_path, suite)
+    model = load_model(model_path)
+    run_suite(model, suite, data_root=args.data_root, out_dir=out, batch_size=args.batch_size)
+    print(f"results written to {out}")
+    return 0
+
+
+def export(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlearn export", description="Export a trained backbone.")
+    parser.add_argument("--model", required=True, help="run dir or .ckpt")
+    parser.add_argument("--format", default="onnx", choices=["onnx"])
+    parser.add_argument("--output", default=None, help="output file (default: <run dir>/model.onnx)")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--fp16", action="store_true", help="export float16 weights (tolerance 1e-2)")
+    args = parser.parse_args(argv)
+    from mlearn.export import ParityError, export_onnx
+
+    try:
+        report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16)
+    except ParityError as exc:
+        print(f"mlearn export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"ONNX {report}")
+    return 0
+
+
+def data(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlearn data", description="Check or convert a training set.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    inspect = sub.add_parser("inspect", help="counts, class-size histogram, corrupt records")
+    inspect.add_argument("path", help="RecordIO folder (train.rec/.idx), image folder or list file")
+    inspect.add_argument("--sample", type=int, default=None, help="decode only this many images")
+    convert = sub.add_parser("convert", help="RecordIO -> image folder, or folder/list -> RecordIO")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--to", required=True, choices=["rec", "folder"])
+    args = parser.parse_args(argv)
+    from mlearn.data.inspect import convert_dataset, format_inspect_report, inspect_dataset
+
+    if args.action == "inspect":
+        print(format_inspect_report(inspect_dataset(args.path, sample=args.sample)))
+    else:
+        convert_dataset(args.src, args.dst, to=args.to)
+        print(f"converted {args.src} -> {args.dst} ({args.to})")
+    return 0
+
+
+def _default_eval_dir(model: Path, suite: Path) -> Path:
+    base = model if model.is_dir() else model.parent
+    return base / "eval" / suite.stem
+
+
+COMMANDS: Dict[str, Callable[[List[str]], int]] = {"train": train, "eval": evaluate, "export": export, "data": data}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

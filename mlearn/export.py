@@ -1,0 +1,104 @@
+"""Export a trained backbone (the head is training-only) to ONNX, with metadata and a parity check."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from mlearn import __version__
+from mlearn.inference import OnnxEmbedder, load_backbone
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+TOLERANCE = {False: 1e-4, True: 1e-2}  # max abs diff allowed: fp32, fp16
+
+
+class ParityError(RuntimeError):
+    """The exported model's output differs from PyTorch's beyond the tolerance."""
+
+
+@dataclass
+class ParityReport:
+    max_abs_diff: float
+    min_cosine: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"parity {verdict}: max abs diff {self.max_abs_diff:.3e} (tolerance {self.tolerance:.0e}), "
+                f"min cosine {self.min_cosine:.6f}")
+
+
+def export_onnx(model: PathLike, output: Optional[PathLike] = None, opset: int = 17, fp16: bool = False,
+                parity_batch: int = 4) -> ParityReport:
+    """Export the backbone of ``model`` (run dir or checkpoint) to ONNX with a dynamic batch axis.
+
+    The preprocessing (input spec), embedding size, backbone spec and config hash are written into
+    ``metadata_props``. A random batch is run through PyTorch and onnxruntime; raises
+    :class:`ParityError` if the max abs difference exceeds 1e-4 (fp32) / 1e-2 (fp16).
+    """
+    backbone, spec, info = load_backbone(model)
+    output = Path(output) if output else _default_output(Path(model), fp16)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    height, width = spec["input_size"]
+    dummy = torch.randn(2, 3, height, width)
+    net = backbone.half() if fp16 else backbone
+    torch.onnx.export(
+        net, dummy.half() if fp16 else dummy, str(output), input_names=["input"], output_names=["embedding"],
+        dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False,
+    )
+    metadata = {
+        "input_spec": spec,
+        "embedding_size": int(backbone.embedding_size),
+        "backbone": info["backbone"],
+        "config_hash": info["config_hash"],
+        "mlearn_version": __version__,
+    }
+    _write_metadata(output, metadata)
+    report = check_parity(backbone.float(), output, spec, fp16=fp16, batch=parity_batch)
+    if not report.passed:
+        raise ParityError(f"{output}: {report}")
+    return report
+
+
+def check_parity(backbone: torch.nn.Module, onnx_path: PathLike, spec: Dict[str, Any], fp16: bool = False,
+                 batch: int = 4, seed: int = 0) -> ParityReport:
+    """Compare PyTorch and onnxruntime embeddings of one random uint8 image batch."""
+    height, width = spec["input_size"]
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+    onnx_model = OnnxEmbedder(onnx_path)
+    from mlearn.inference import preprocess_images
+
+    with torch.inference_mode():
+        reference = backbone.eval()(torch.from_numpy(preprocess_images(images, spec))).numpy()
+    exported = onnx_model.embed(images, normalize=False)
+    diff = float(np.abs(reference - exported).max())
+    cos = (reference * exported).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(exported, axis=1))
+    return ParityReport(max_abs_diff=diff, min_cosine=float(cos.min()), tolerance=TOLERANCE[fp16])
+
+
+def _write_metadata(path: Path, metadata: Dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(path))
+
+
+def _default_output(model: Path, fp16: bool) -> Path:
+    folder = model if model.is_dir() else model.parent
+    return folder / ("model_fp16.onnx" if fp16 else "model.onnx")

@@ -1,0 +1,273 @@
+"""Partial FC: the (sharded, optionally sampled) class-center matrix + margin + softmax cross-entropy.
+
+One classifier class covers the full FC (``sample_rate=1.0`` on one process), the model-parallel
+sharded FC of arcface_torch and its negative-class sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlearn.heads import functional as D
+from mlearn.heads.margins import Margin
+
+log = logging.getLogger(__name__)
+
+_INIT_CHUNK = 1 << 16  # rows per independently seeded chunk of the initial centers
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """(first class id, number of classes) of ``rank``'s contiguous block; the first C mod W ranks get
+    one extra class (arcface_torch's split)."""
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+class PartialFC(nn.Module):
+    """Margin-based softmax classifier with class centers sharded over ranks and optional sampling.
+
+    ``loss = head(embeddings [B_r, D], labels [B_r])``: embeddings un-normalised, labels global class
+    ids in [0, num_classes). Returns the mean softmax cross-entropy over the GLOBAL batch (all ranks),
+    the same scalar on every rank.
+
+    Distributed (``torch.distributed`` initialised, W ranks in ``process_group``): rank r holds the
+    contiguous block ``[class_start, class_start + num_local)`` of the centers as ``weight``
+    [num_local·K, D] (K = ``num_subcenters``, rows class-major). Embeddings and labels are all-gathered
+    (the gradient flows back to the rank that owns the sample), every rank computes the logits of the
+    global batch against its block, and the softmax normaliser is all-reduced (max, sum) in float32,
+    also under autocast. Without ``torch.distributed`` it is a single shard.
+
+    Gradients: after ``loss.backward()`` each rank's embedding gradient and ``weight`` gradient are
+    the exact gradients of the global loss (for ``sample_rate=1``; with sampling, of the sampled
+    loss). A backbone wrapped in DDP therefore needs the SUM of its per-rank gradients, while DDP
+    averages over the W ranks: install an all-reduce-SUM communication hook (or multiply the
+    backbone gradients by W). ``weight`` differs per rank: list :meth:`sharded_parameter_names` in
+    DDP's ignore list so that DDP neither broadcasts nor averages it. The margin's buffers are
+    identical on every rank (they are computed from the global batch).
+
+    Sampling (``sample_rate < 1``): per step each rank keeps ``max(floor(sample_rate·num_local),
+    #positives in its block)`` classes, always including every class of the global batch that it
+    holds; the rest are drawn uniformly (default generator). ``last_sample_index`` holds the kept
+    local class indices of the last training step. In ``eval()`` mode every class is used.
+
+    Collectives: when distributed, construction (shared initialisation seed), ``forward`` and
+    ``state_dict()`` are collective calls: every rank of ``process_group`` must make them.
+
+    Checkpoints: ``state_dict()`` stores the full [num_classes·K, D] matrix (gathered: a collective
+    call, so every rank must call it) and ``load_state_dict()`` takes this rank's rows, so a checkpoint
+    saved on W ranks loads on any W'.
+
+    Args:
+        margin: turns cosines into logits (:class:`mlearn.heads.Margin`).
+        embedding_size: D.
+        num_classes: C (global).
+        sample_rate: fraction of each rank's classes used per training step (1.0: all).
+        num_subcenters: K centers per class; a class's cosine is the max over its K centers
+            (Sub-center ArcFace).
+        straight_through: use the margin's logits in the forward pass but back-propagate as if the
+            logits were s·cosθ (arcface_torch's ``no_grad`` ArcFace). Not the exact gradient; off by default.
+        init_std: centers are initialised N(0, init_std), identically for any world size.
+        process_group: the ranks sharing the centers (default: the whole world when initialised).
+    """
+
+    def __init__(
+        self,
+        margin: Margin,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        num_subcenters: int = 1,
+        straight_through: bool = False,
+        init_std: float = 0.01,
+        process_group: Optional[Any] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(margin, nn.Module):
+            raise TypeError(
+                f"margin: expected an nn.Module (e.g. mlearn.heads.ArcFace), got {type(margin).__name__}"
+            )
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size={embedding_size}: expected a positive integer")
+        if num_classes < 1:
+            raise ValueError(f"num_classes={num_classes}: expected a positive integer")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate={sample_rate}: expected a number in (0, 1]")
+        if num_subcenters < 1:
+            raise ValueError(f"num_subcenters={num_subcenters}: expected a positive integer")
+        if straight_through and not hasattr(margin, "s"):
+            raise ValueError("straight_through=True needs a margin with a scale attribute `s`")
+        self.margin = margin
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.sample_rate = float(sample_rate)
+        self.num_subcenters = int(num_subcenters)
+        self.straight_through = bool(straight_through)
+        self.init_std = float(init_std)
+        self.process_group = process_group
+        self.rank, self.world_size = D.rank_and_world(process_group)
+        self.class_start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
+        self.weight = nn.Parameter(self._initial_weight())
+        self.last_sample_index: Optional[torch.Tensor] = None
+        self.register_state_dict_post_hook(_gather_weight_hook)
+        self.register_load_state_dict_pre_hook(_slice_weight_hook)
+
+    def sharded_parameter_names(self) -> List[str]:
+        """Parameters that differ per rank (names relative to this module): exclude them from DDP."""
+        return ["weight"]
+
+    def sharded_buffer_names(self) -> List[str]:
+        """Buffers that differ per rank: none (margin statistics are computed on the global batch)."""
+        return []
+
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's rows [num_local·K, ...] -> the full [num_classes·K, ...] (collective call)."""
+        if self.world_size == 1:
+            return local
+        return D.all_gather_variable(local.detach(), self.process_group)
+
+    def local_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """The full [num_classes·K, ...] -> this rank's rows [num_local·K, ...]."""
+        k = self.num_subcenters
+        start = self.class_start * k
+        return full[start : start + self.num_local * k]
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}, "
+            f"straight_through={self.straight_through}, shard=[{self.class_start}, "
+            f"{self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}"
+        )
+
+    def _initial_weight(self) -> torch.Tensor:
+        # Chunks of rows seeded from one shared seed: the same matrix for any world size, and no two
+        # ranks start with equal centers; each rank only generates the chunks it holds.
+        seed = int(D.shared_generator(self.process_group).initial_seed())
+        k = self.num_subcenters
+        start, stop = self.class_start * k, (self.class_start + self.num_local) * k
+        weight = torch.empty(stop - start, self.embedding_size)
+        for chunk in range(start // _INIT_CHUNK, math.ceil(stop / _INIT_CHUNK)):
+            lo, hi = chunk * _INIT_CHUNK, (chunk + 1) * _INIT_CHUNK
+            gen = torch.Generator().manual_seed(seed + chunk)
+            block = torch.randn(hi - lo, self.embedding_size, generator=gen)
+            a, b = max(lo, start), min(hi, stop)
+            if a < b:
+                weight[a - start : b - start] = block[a - lo : b - lo]
+        return weight.mul_(self.init_std)
+
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings: expected [B, {self.embedding_size}], got {tuple(embeddings.shape)}"
+            )
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"labels: expected shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels: expected integer class ids, got dtype {labels.dtype}")
+        rank, world = D.rank_and_world(self.process_group)
+        if (rank, world) != (self.rank, self.world_size):
+            raise RuntimeError(
+                f"PartialFC was built for rank {self.rank} of {self.world_size}, "
+                f"now called on rank {rank} of {world}: rebuild it after the process group"
+            )
+
+    def _sample(self, local: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """local: [B] column in this block or -1 -> (weight rows [N·K, D], labels remapped to them)."""
+        k = self.num_subcenters
+        if self.sample_rate >= 1.0 or not self.training:
+            self.last_sample_index = None
+            return self.weight, local
+        valid = local >= 0
+        positives = torch.unique(local[valid])
+        num_sample = max(int(self.sample_rate * self.num_local), positives.numel())
+        with torch.no_grad():
+            score = torch.rand(self.num_local, device=self.weight.device)
+            score[positives] = 2.0  # positives always win the top-k
+            index = torch.topk(score, num_sample).indices.sort().values
+        remapped = local.clone()
+        remapped[valid] = torch.searchsorted(index, local[valid])
+        self.last_sample_index = index
+        weight = self.weight.view(self.num_local, k, self.embedding_size)[index]
+        return weight.reshape(-1, self.embedding_size), remapped
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """embeddings [B_r, D] (un-normalised), labels [B_r] global ids -> scalar global mean CE loss."""
+        self._check_inputs(embeddings, labels)
+        group = self.process_group
+        labels = labels.long()
+        all_labels = D.all_gather_variable(labels, group)
+        # checked on the gathered labels so that every rank raises together (no collective hangs)
+        bad = (all_labels < 0) | (all_labels >= self.num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"label {int(all_labels[bad][0])} out of range: expected class ids in [0, {self.num_classes})"
+            )
+        all_embeddings = D.all_gather_with_grad(embeddings, group)
+
+        # the shared seed is drawn before the sampling's draws: keeps every rank's stream aligned
+        generator = D.shared_generator(group) if getattr(self.margin, "stochastic", False) else None
+        local = all_labels - self.class_start
+        local[(local < 0) | (local >= self.num_local)] = -1
+        weight, local = self._sample(local)
+
+        cosine = F.linear(F.normalize(all_embeddings, dim=1), F.normalize(weight, dim=1))
+        batch = all_embeddings.shape[0]
+        with torch.autocast(device_type=cosine.device.type, enabled=False):
+            if cosine.dtype in (torch.float16, torch.bfloat16):
+                cosine = cosine.float()
+            if self.num_subcenters > 1:
+                cosine = cosine.view(batch, -1, self.num_subcenters).max(dim=2).values
+            cosine = cosine.clamp(-1.0, 1.0)
+            extra = {}
+            if getattr(self.margin, "needs_target_cosine", False):
+                extra["target_cosine"] = D.shared_target_cosine(cosine, local, group)
+            if generator is not None:
+                extra["generator"] = generator
+            norms = (
+                all_embeddings.float().norm(dim=1)
+                if all_embeddings.dtype != torch.float64
+                else all_embeddings.norm(dim=1)
+            )
+            logits = self.margin(cosine, local, norms, **extra)
+            if self.straight_through:
+                plain = cosine * self.margin.s
+                logits = plain + (logits - plain).detach()
+            return D.dist_cross_entropy(logits, local, group)
+
+
+def _gather_weight_hook(module: PartialFC, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = module.gather_rows(state_dict[key])
+
+
+def _slice_weight_hook(
+    module: PartialFC,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    key = prefix + "weight"
+    if key not in state_dict:
+        return
+    full = state_dict[key]
+    k = module.num_subcenters
+    expected = (module.num_classes * k, module.embedding_size)
+    if tuple(full.shape) != expected:
+        error_msgs.append(
+            f"{key}: expected the gathered centers of shape {expected} (num_classes·num_subcenters, "
+            f"embedding_size), got {tuple(full.shape)}"
+        )
+        state_dict.pop(key)  # reported above; avoid a second, less clear size-mismatch message
+        return
+    state_dict[key] = module.local_rows(full)
