@@ -126,7 +126,3 @@ def _default_eval_dir(model: Path, suite: Path) -> Path:
 
 
 COMMANDS: Dict[str, Callable[[List[str]], int]] = {"train": train, "eval": evaluate, "export": export, "data": data}
-
-
-if __name__ == "__main__":
-    sys.exit(main())

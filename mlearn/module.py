@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mlearn.heads import ArcFace, Margin, PartialFC
+from mlearn.heads import Margin, PartialFC
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class EmbeddingModule(pl.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
-        head: Optional[HeadConfig] = None,
+        head: HeadConfig,
         num_classes: int = 0,
         optimizer: OptimizerFactory = default_optimizer,
         head_weight_decay: Optional[float] = None,
@@ -67,7 +67,7 @@ class EmbeddingModule(pl.LightningModule):
         # backbone on load; from Python the backbone instance is saved in the state dict only.
         self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["backbone"])
         self.backbone = backbone
-        self.head_config = head or HeadConfig(margin=ArcFace())
+        self.head_config = head
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.head_weight_decay = head_weight_decay
@@ -100,9 +100,12 @@ class EmbeddingModule(pl.LightningModule):
         """x: [B, 3, H, W] (or the backbone's input) -> embeddings [B, D]."""
         return self.backbone(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         images, labels, num_corrupt = _unpack(batch)
         self._corrupt_in_epoch += num_corrupt
+        if labels.numel() == 0:  # every sample of the batch was corrupt: nothing to learn from
+            log.warning("step %d: batch skipped, all %d samples corrupt", self.global_step, num_corrupt)
+            return None
         assert self.head is not None
         loss = self.head(self.backbone(images), labels)
         self.log("train/loss", loss, prog_bar=True)

@@ -3,6 +3,7 @@ constructor arguments, dotted flags override it (``--model.head.margin.m 0.4``).
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -26,6 +27,14 @@ class MLearnCLI(LightningCLI):
         parser.link_arguments("run_dir", "trainer.default_root_dir")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        from mlearn.cli import UsageError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            raise UsageError(describe_parse_error(parser, str(exc))) from None
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         run_dir = Path(self._get(self.config, "run_dir"))
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -41,8 +50,7 @@ class MLearnCLI(LightningCLI):
 
 def run_training(argv: List[str]) -> int:
     """Parse ``argv`` (LightningCLI syntax), train, and report where the run went."""
-    from mlearn.cli import UsageError
-
+    program, sys.argv[1:] = sys.argv[1:], []  # LightningCLI warns when sys.argv and args both hold options
     try:
         cli = MLearnCLI(
             EmbeddingModule,
@@ -51,11 +59,11 @@ def run_training(argv: List[str]) -> int:
             args=argv,
             run=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={"exit_on_error": False, "prog": "mlearn train"},
             auto_configure_optimizers=False,
         )
-    except ArgumentError as exc:
-        raise UsageError(_one_line(str(exc))) from None
+    finally:
+        sys.argv[1:] = program
     ckpt_path = cli.config.get("ckpt_path")
     run_dir = Path(cli.config.get("run_dir"))
     if ckpt_path == "last":
@@ -67,20 +75,55 @@ def run_training(argv: List[str]) -> int:
     return 0
 
 
-_KNOWN_HINTS = {
-    "margin": ("mlearn.heads", "list_margins"),
-    "backbone": ("mlearn.models", "list_backbones"),
-}
-
-
-def _one_line(message: str) -> str:
-    """jsonargparse explains a bad key over several indented lines; keep the informative ones."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
+def describe_parse_error(parser: Any, message: str) -> str:
+    """One line from jsonargparse's multi-line error, plus the valid choices for the offending key."""
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
     text = "; ".join(dict.fromkeys(lines))
-    for key, (module, lister) in _KNOWN_HINTS.items():
-        if re.search(rf"\b{key}\b", text) and ("class_path" in text or "Import path" in text):
-            import importlib
+    key = _offending_key(message)
+    if key is None:
+        return text
+    bad_class = (re.search(r"Expected a dot import path string: (\S+)", message)
+                 or re.search(r"Problem with given class_path '([^']+)':\s+module", message))
+    if key.endswith("margin") and bad_class:
+        from mlearn.heads.margins import MARGINS
 
-            names = getattr(importlib.import_module(module), lister)()
-            text += f" (registered {key}s: {names})"
+        classes = sorted({f"mlearn.heads.{MARGINS.get(name).__name__}" for name in MARGINS.names()})
+        return (f"{key}: unknown margin '{bad_class.group(1)}'; known: {classes} "
+                f"(short names also work, e.g. CosFace; registry names: {MARGINS.names()})")
+    if key.endswith("backbone") and bad_class:
+        from mlearn.models import list_backbones
+
+        return (f"{key}: unknown backbone class '{bad_class.group(1)}'; give a class_path such as "
+                f"mlearn.models.IResNet or mlearn.models.TimmBackbone (registered backbones: {list_backbones()})")
+    bad_option = re.search(r"Option '(\w+)' is not accepted", message)
+    classes = re.findall(r"class_path '([^']+)'", message)
+    if bad_option and classes:
+        return f"{key}: {classes[-1]} has no argument '{bad_option.group(1)}'; accepted: {_init_args(classes[-1])}"
+    parent = key.rpartition(".")[0]
+    if "unrecognized" in text or "not expected" in text:
+        children = sorted({a.dest[len(parent) + 1:].split(".")[0] for a in parser._actions
+                           if parent and a.dest.startswith(parent + ".")})
+        if children:
+            return f"{text} (valid keys under '{parent}': {children})"
     return text
+
+
+def _offending_key(message: str) -> Optional[str]:
+    """The full dotted key: jsonargparse nests relative keys (``model.head`` then ``margin``)."""
+    keys = re.findall(r'(?:Parser key|Key) "([\w.]+)"', message)
+    if not keys:
+        match = re.search(r"--([\w.]+)", message)
+        return match.group(1) if match else None
+    full = keys[0]
+    for key in keys[1:]:
+        full = key if key.startswith(full) else f"{full}.{key}"
+    return full
+
+
+def _init_args(class_path: str) -> List[str]:
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    return [p for p in params if p != "self"]

@@ -15,7 +15,7 @@ QUICKSTART = ROOT / "configs" / "face" / "quickstart.yaml"
 def mlearn(*args, cwd=None, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("MLEARN_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "mlearn.cli", *map(str, args)], cwd=cwd or ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "mlearn", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -62,7 +62,7 @@ def test_unknown_config_key(tmp_path):
 
 def test_unknown_margin_names_choices(tmp_path):
     line = error_line(mlearn("train", "--config", tiny_config(tmp_path), "--model.head.margin", "NoSuchMargin"))
-    assert "NoSuchMargin" in line and "arcface" in line
+    assert "model.head.margin" in line and "NoSuchMargin" in line and "mlearn.heads.ArcFace" in line
 
 
 def test_unknown_backbone_names_choices(tmp_path):

@@ -1,0 +1,78 @@
+"""``inspect_dataset`` / ``format_inspect_report`` and ``convert_dataset`` round trips."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mlearn.data.folders import ImageFolderDataset
+from mlearn.data.inspect import convert_dataset, format_inspect_report, inspect_dataset
+from mlearn.data.recordio import RecordIODataset, RecordIOWriter
+
+
+def make_folder(root: Path, sizes: dict) -> None:
+    rng = np.random.default_rng(0)
+    for name, count in sizes.items():
+        (root / name).mkdir(parents=True)
+        for n in range(count):
+            image = cv2.resize(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), (20, 20))
+            cv2.imwrite(str(root / name / f"{n}.jpg"), image)
+
+
+def test_inspect_folder_counts_histogram_and_corrupt(tmp_path: Path) -> None:
+    make_folder(tmp_path / "set", {"ann": 1, "ben": 4, "cid": 2})
+    (tmp_path / "set" / "ben" / "9.jpg").write_bytes(b"broken")
+    report = inspect_dataset(tmp_path / "set", progress=False)
+    assert report["format"] == "folder" and report["num_images"] == 8 and report["num_classes"] == 3
+    assert report["class_size"] == {"min": 1, "median": 2.0, "mean": 8 / 3, "max": 5}
+    assert report["decoded"] == 8 and report["corrupt"] == 1 and "9.jpg" in report["corrupt_examples"][0]
+    assert report["image_sizes"] == {"20x20": 7}
+    text = format_inspect_report(report)
+    assert "images:       8" in text and "corrupt:      1 of 8" in text and "9.jpg" in text
+    sampled = inspect_dataset(tmp_path / "set", sample=3, progress=False)
+    assert sampled["decoded"] == 3 and "random sample of 3" in format_inspect_report(sampled)
+
+
+def test_inspect_recordio_with_workers(tmp_path: Path) -> None:
+    with RecordIOWriter(tmp_path / "rec") as writer:
+        for label in range(3):
+            for _ in range(2):
+                writer.add(np.full((16, 16, 3), 40 * label, np.uint8), label)
+        writer.add(b"not an image", 3)
+    report = inspect_dataset(tmp_path / "rec", num_workers=2, progress=False)
+    assert report["format"] == "recordio" and report["num_images"] == 7 and report["num_classes"] == 4
+    assert report["property_num_classes"] == 4 and report["corrupt"] == 1
+    assert "record 7 of" in report["corrupt_examples"][0]
+
+
+def test_convert_folder_to_rec_to_folder_round_trip(tmp_path: Path) -> None:
+    make_folder(tmp_path / "src", {"zoe": 2, "adam": 3, "mia": 1})
+    (tmp_path / "src" / "mia" / "bad.jpg").write_bytes(b"\xff\xd8 broken")
+    summary = convert_dataset(tmp_path / "src", tmp_path / "rec", to="rec", progress=False)
+    assert summary == {"images": 6, "classes": 3, "skipped": 1}
+    rec = RecordIODataset(tmp_path / "rec")
+    assert rec.header0 == (7, 10) and (tmp_path / "rec" / "property").read_text().strip() == "3,20,20"
+    convert_dataset(tmp_path / "rec", tmp_path / "back", to="folder", progress=False)
+    source, back = ImageFolderDataset(tmp_path / "src"), ImageFolderDataset(tmp_path / "back")
+    assert back.label_map == {"adam": 0, "mia": 1, "zoe": 2} == source.label_map
+    good = [i for i in range(len(source)) if not source.path(i).endswith("bad.jpg")]
+    assert [source.read_bytes(i) for i in good] == [back.read_bytes(i) for i in range(len(back))]
+    np.testing.assert_array_equal(source.labels[good], back.labels)
+    for i in range(len(back)):
+        np.testing.assert_array_equal(back[i][0], rec[i][0])
+
+
+def test_convert_rec_without_names_uses_padded_numbers(tmp_path: Path) -> None:
+    with RecordIOWriter(tmp_path / "rec") as writer:
+        for label in (2, 10):
+            writer.add(np.full((8, 8, 3), label, np.uint8), label)
+    convert_dataset(tmp_path / "rec", tmp_path / "out", to="folder", progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["02", "10"]
+    back = ImageFolderDataset(tmp_path / "out")
+    np.testing.assert_array_equal(back.labels, RecordIODataset(tmp_path / "rec").labels)
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert_dataset(tmp_path / "rec", tmp_path / "out", to="folder", progress=False)
+    with pytest.raises(ValueError, match="'folder' or 'rec'"):
+        convert_dataset(tmp_path / "rec", tmp_path / "x", to="lmdb")

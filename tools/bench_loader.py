@@ -1,0 +1,151 @@
+"""Data-loading throughput: RecordIO + decode + ``standard`` augmentation vs a bare JPEG-decode loop.
+
+Writes a synthetic insightface-style ``train.rec`` (smooth random colour fields plus sensor-like
+noise, JPEG-encoded at ``--size`` px, so the files are about the size of real aligned faces) into a
+temporary folder, then measures, in the same run and over the same records:
+
+  bare cv2 decode        cv2.imdecode of the JPEG bytes already in memory (what the dataset uses)
+  bare PIL decode        PIL decode of the same bytes (the alternative decoder, for comparison)
+  dataset[i], no aug     RecordIODataset: positional read + unpack + decode
+  dataset[i], standard   ... + flip + normalise to a float32 [3, H, W] tensor (the default output)
+  DataLoader w=N         batches through torch's DataLoader with N workers and collate_skip_corrupt
+  ... uint8              the same with ``build_transform(..., output="uint8")``: uint8 [3, H, W]
+                         tensors, normalised later on the device (not included in the timing)
+
+``per_worker`` divides images/s by the number of processes doing the work (1 for N=0); ``ratio`` is
+``per_worker`` over the bare cv2 decode rate. Every row is the median of ``--repeats`` passes, taken
+round-robin over the rows after one warm-up round. Workers compete for the same cores as the main process,
+so on a machine with fewer free cores than workers the per-worker figure drops for that reason alone.
+
+Example:
+  python tools/bench_loader.py --images 3000 --workers 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mlearn.data.corrupt import collate_skip_corrupt, decode_image
+from mlearn.data.recordio import RecordIODataset, RecordIOWriter
+from mlearn.data.transforms import build_transform
+
+
+def make_rec(root: Path, count: int, size: int, quality: int, classes: int, seed: int = 0) -> List[bytes]:
+    """Write ``count`` synthetic JPEGs grouped into ``classes`` identities; returns the JPEG bytes."""
+    rng = np.random.default_rng(seed)
+    payloads: List[bytes] = []
+    per_class = max(1, count // classes)
+    with RecordIOWriter(root) as writer:
+        for i in range(count):
+            coarse = rng.uniform(0, 255, (7, 7, 3)).astype(np.float32)
+            image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+            image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+            data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+            payloads.append(data)
+            writer.add(data, min(i // per_class, classes - 1))
+    return payloads
+
+
+def loader_epoch(dataset: RecordIODataset, workers: int, batch_size: int) -> Callable[[], int]:
+    """One pass over ``dataset`` through a DataLoader (workers persist between passes)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        collate_fn=collate_skip_corrupt, persistent_workers=workers > 0)
+
+    def epoch() -> int:
+        return sum(len(labels) for _, labels, _ in loader)
+
+    return epoch
+
+
+def measure(runs: Dict[str, Callable[[], int]], repeats: int) -> Dict[str, float]:
+    """Median images/s of each run. Runs are interleaved round-robin (after one warm-up round), so
+    that load from other processes on a shared machine spreads over all of them alike."""
+    rates: Dict[str, List[float]] = {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            n = fn()
+            if round_:
+                rates[name].append(n / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the synthetic images")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        payloads = make_rec(Path(tmp), args.images, args.size, args.quality, args.classes)
+        plain = RecordIODataset(tmp)
+        augmented = RecordIODataset(tmp, transform=build_transform("standard", image_size=args.size))
+        augmented_u8 = RecordIODataset(tmp, transform=build_transform("standard", image_size=args.size,
+                                                                       output="uint8"))
+        n = len(plain)
+
+        def bare_cv2() -> int:
+            for data in payloads:
+                decode_image(data, "bench")
+            return len(payloads)
+
+        def bare_pil() -> int:
+            for data in payloads:
+                np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            return len(payloads)
+
+        def items(dataset: RecordIODataset) -> Callable[[], int]:
+            def run() -> int:
+                for i in range(n):
+                    dataset[i]
+                return n
+            return run
+
+        runs: Dict[str, Callable[[], int]] = {
+            "bare cv2 decode": bare_cv2,
+            "bare PIL decode": bare_pil,
+            "dataset[i], no aug": items(plain),
+            "dataset[i], standard": items(augmented),
+            "dataset[i], standard uint8": items(augmented_u8),
+        }
+        procs = {name: 1 for name in runs}
+        for suffix, dataset in (("", augmented), (" uint8", augmented_u8)):
+            for w in args.workers:
+                name = f"DataLoader w={w}{suffix}"
+                runs[name] = loader_epoch(dataset, w, args.batch_size)
+                procs[name] = max(w, 1)
+        rows = measure(runs, args.repeats)
+
+    base = rows["bare cv2 decode"]
+    mean_bytes = np.mean([len(p) for p in payloads])
+    print(f"{n} images {args.size}x{args.size}, JPEG q={args.quality}, mean {mean_bytes:.0f} "
+          f"bytes; batch {args.batch_size}; median of {args.repeats}; cv2 {cv2.__version__}, torch "
+          f"{torch.__version__}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+    print(f"{'path':<30}{'img/s':>10}{'per_worker':>12}{'ratio':>8}")
+    for name, value in rows.items():
+        per = value / procs[name]
+        print(f"{name:<30}{value:>10.0f}{per:>12.0f}{per / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
