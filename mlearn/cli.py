@@ -17,7 +17,8 @@ USAGE = """usage: mlearn <command> [options]
 commands:
   train    train an embedding model (LightningCLI: --config FILE.yaml, dotted overrides)
   eval     evaluate a run dir / checkpoint / ONNX model on a benchmark suite
-  export   export a trained backbone to ONNX with a parity check
+  export   export a trained backbone to ONNX / TorchScript / safetensors with a parity check
+  embed    embed a folder or list of images with a run dir / checkpoint / exported model
   data     inspect a dataset (counts, class sizes, corrupt records) or convert rec <-> folder
 
 `mlearn <command> --help` lists each command's options."""
@@ -81,21 +82,50 @@ def evaluate(argv: List[str]) -> int:
 
 
 def export(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mlearn export", description="Export a trained backbone.")
+    parser = argparse.ArgumentParser(prog="mlearn export", description=(
+        "Export a trained backbone (no head) with its preprocessing as metadata, then check parity "
+        "(exported vs PyTorch embeddings on a random batch; exit 1 above tolerance)."))
     parser.add_argument("--model", required=True, help="run dir or .ckpt")
-    parser.add_argument("--format", default="onnx", choices=["onnx"])
-    parser.add_argument("--output", default=None, help="output file (default: <run dir>/model.onnx)")
-    parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument("--fp16", action="store_true", help="export float16 weights (tolerance 1e-2)")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "safetensors"])
+    parser.add_argument("--output", default=None, help="output file (default: <run dir>/model[_fp16].onnx|.pt|.safetensors)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument("--fp16", action="store_true",
+                        help="float16 weights and compute, float32 input/output (parity tolerance 1e-2 vs fp32)")
+    parser.add_argument("--parity-batch", type=int, default=3, help="random inputs in the parity check")
     args = parser.parse_args(argv)
-    from mlearn.export import ParityError, export_onnx
+    from mlearn.export import ParityError, export_model
 
     try:
-        report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16)
+        result = export_model(args.model, args.format, args.output, fp16=args.fp16, opset=args.opset,
+                              parity_batch=args.parity_batch)
     except ParityError as exc:
         print(f"mlearn export: error: {exc}", file=sys.stderr)
         return 1
-    print(f"ONNX {report}")
+    print(result)
+    return 0
+
+
+def embed(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlearn embed", description=(
+        "Embed images: writes OUT.npy (float32 [N, D], L2-normalised), OUT.ids.txt (one relative path "
+        "per row) and OUT.errors.txt (unreadable inputs, skipped)."))
+    parser.add_argument("--model", required=True, help=".onnx, TorchScript .pt, .safetensors, run dir or .ckpt")
+    parser.add_argument("--input", required=True, help="image folder (recursive) or list file of image paths")
+    parser.add_argument("--output", required=True, help="OUT.npy")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: up to 4)")
+    args = parser.parse_args(argv)
+    from mlearn.embed import embed_to_files
+
+    try:
+        result, output = embed_to_files(args.model, args.input, args.output, batch_size=args.batch_size,
+                                        workers=args.workers)
+    except NotImplementedError as exc:
+        print(f"mlearn embed: error: {exc}", file=sys.stderr)
+        return 2
+    stem = output.with_suffix("")
+    print(f"embedded {len(result.ids)} inputs -> {output} {tuple(result.embeddings.shape)}, ids in {stem}.ids.txt")
+    print(f"{len(result.errors)} unreadable inputs" + (f" listed in {stem}.errors.txt" if result.errors else ""))
     return 0
 
 
@@ -125,4 +155,5 @@ def _default_eval_dir(model: Path, suite: Path) -> Path:
     return base / "eval" / suite.stem
 
 
-COMMANDS: Dict[str, Callable[[List[str]], int]] = {"train": train, "eval": evaluate, "export": export, "data": data}
+COMMANDS: Dict[str, Callable[[List[str]], int]] = {"train": train, "eval": evaluate, "export": export, "embed": embed,
+                                                   "data": data}

@@ -1,22 +1,59 @@
-"""Export a trained backbone (the head is training-only) to ONNX, with metadata and a parity check."""
+"""Export a trained backbone (the head is training-only) to ONNX, TorchScript or safetensors.
+
+Every export records its preprocessing and provenance as metadata and runs a parity check:
+
+============  ======================================  ==============================================
+format        metadata                                parity check
+============  ======================================  ==============================================
+onnx          ``metadata_props`` (JSON values)        onnxruntime vs the PyTorch model
+torchscript   extra file ``mlearn.json`` (one JSON)   ``torch.jit.load``-ed module vs the PyTorch model
+safetensors   header ``__metadata__`` (JSON values)   weights reloaded into a freshly built backbone
+============  ======================================  ==============================================
+
+Metadata keys: ``input_spec`` (modality, input size / fbank settings, channel order, mean, std),
+``embedding_size``, ``backbone`` (``class_path`` + ``init_args``), ``config_hash`` (sha256 of the
+training hyper-parameters, 16 hex digits), ``mlearn_version``, ``format``, ``precision`` (fp32 / fp16),
+``input_name``, ``output_name``, ``dynamic_axes``.
+
+Axes: batch is dynamic; audio models (input fbank ``[B, T, num_mel_bins]``) also have a dynamic
+``frames`` axis. ONNX/TorchScript outputs are raw (un-normalised) embeddings.
+
+fp16: weights and compute are float16 but the exported ONNX/TorchScript model keeps float32 input and
+output (casts inside the graph), so it is a drop-in for the fp32 one. Its parity reference is always
+the float32 PyTorch model (what users care about; torch on CPU may lack float16 kernels anyway), with
+tolerance 1e-2 instead of 1e-4.
+"""
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from mlearn import __version__
-from mlearn.inference import OnnxEmbedder, l2_normalize, load_backbone, preprocess_images
+from mlearn.inference import (
+    TORCHSCRIPT_METADATA_FILE,
+    Embedder,
+    l2_normalize,
+    load_backbone,
+    load_model,
+)
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-TOLERANCE = {False: 1e-4, True: 1e-2}  # max abs diff allowed: fp32, fp16
+FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+TOLERANCE = {False: 1e-4, True: 1e-2}  # max abs diff of L2-normalised embeddings: fp32, fp16
+INPUT_NAME, OUTPUT_NAME = "input", "embedding"
+EXPORT_FRAMES, PARITY_FRAMES = 200, 157  # audio: trace at one length, check at another (dynamic axis)
 
 
 class ParityError(RuntimeError):
@@ -35,7 +72,8 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        # NaN fails; so does an all-zero embedding (cosine 0), which would make the diff vacuously small
+        return bool(self.max_abs_diff <= self.tolerance and self.min_cosine > 0.5)
 
     def __str__(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
@@ -44,57 +82,125 @@ class ParityReport:
                 f"raw max diff / max |x| {self.raw_relative_diff:.1e}")
 
 
-def export_onnx(model: PathLike, output: Optional[PathLike] = None, opset: int = 17, fp16: bool = False,
-                parity_batch: int = 4) -> ParityReport:
-    """Export the backbone of ``model`` (run dir or checkpoint) to ONNX with a dynamic batch axis.
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    fp16: bool
+    report: ParityReport
+    metadata: Dict[str, Any]
 
-    The preprocessing (input spec), embedding size, backbone spec and config hash are written into
-    ``metadata_props``. A random batch is run through PyTorch and onnxruntime; raises
-    :class:`ParityError` if the max abs difference exceeds 1e-4 (fp32) / 1e-2 (fp16).
+    def __str__(self) -> str:
+        precision = "fp16" if self.fp16 else "fp32"
+        return f"{self.format} ({precision}) written to {self.path}\n{self.format} {self.report}"
+
+
+def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLike] = None, fp16: bool = False,
+                 opset: int = 17, parity_batch: int = 3) -> ExportResult:
+    """Export the backbone of ``model`` (run dir or ``.ckpt``) as ``format`` and check parity.
+
+    ``output`` defaults to ``<run dir>/model[_fp16].{onnx,pt,safetensors}``. The parity check embeds
+    ``parity_batch`` random inputs (uint8 images, or fbank features of another length than the traced
+    one) with the exported file, loaded back through :func:`mlearn.load_model`, and with the float32
+    PyTorch backbone. Raises :class:`ParityError` when the max abs difference of the L2-normalised
+    embeddings exceeds 1e-4 (fp32) / 1e-2 (fp16); the failed file is renamed ``<output>.failed``.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format '{format}': expected one of {list(FORMATS)}")
     backbone, spec, info = load_backbone(model)
-    output = Path(output) if output else _default_output(Path(model), fp16)
+    backbone = backbone.float().eval()
+    output = Path(output) if output else default_output(Path(model), format, fp16)
     output.parent.mkdir(parents=True, exist_ok=True)
-    height, width = spec["input_size"]
-    dummy = torch.randn(2, 3, height, width)
-    net = backbone.half() if fp16 else backbone
-    torch.onnx.export(
-        net, dummy.half() if fp16 else dummy, str(output), input_names=["input"], output_names=["embedding"],
-        dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False,
-    )
+    audio = spec.get("modality") == "audio"
+    input_axes = {0: "batch", 1: "frames"} if audio else {0: "batch"}
+    dynamic_axes = {INPUT_NAME: input_axes, OUTPUT_NAME: {0: "batch"}}
     metadata = {
         "input_spec": spec,
         "embedding_size": int(backbone.embedding_size),
         "backbone": info["backbone"],
         "config_hash": info["config_hash"],
         "mlearn_version": __version__,
+        "format": format,
+        "precision": "fp16" if fp16 else "fp32",
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "dynamic_axes": {name: {str(k): v for k, v in axes.items()} for name, axes in dynamic_axes.items()},
     }
-    _write_metadata(output, metadata)
-    report = check_parity(backbone.float(), output, spec, fp16=fp16, batch=parity_batch)
+    to_export = copy.deepcopy(backbone).half() if fp16 else backbone
+    example = torch.from_numpy(_example_input(spec, batch=2, frames=EXPORT_FRAMES))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based ONNX exporter, torch.jit
+        warnings.simplefilter("ignore", FutureWarning)
+        _WRITERS[format](to_export, fp16, example, output, metadata, opset=opset, dynamic_axes=dynamic_axes)
+    report = check_parity(backbone, load_model(output, device="cpu"), fp16=fp16, batch=parity_batch)
+    log.debug("%s %s", output, report)
     if not report.passed:
-        raise ParityError(f"{output}: {report}")
-    return report
+        failed = output.with_name(output.name + ".failed")
+        output.replace(failed)
+        raise ParityError(f"{format} export does not match the PyTorch model: {report} "
+                          f"(file moved to {failed})")
+    return ExportResult(path=output, format=format, fp16=fp16, report=report, metadata=metadata)
 
 
-def check_parity(backbone: torch.nn.Module, onnx_path: PathLike, spec: Dict[str, Any], fp16: bool = False,
-                 batch: int = 4, seed: int = 0) -> ParityReport:
-    """Compare PyTorch and onnxruntime embeddings of one random uint8 image batch."""
-    height, width = spec["input_size"]
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
-    onnx_model = OnnxEmbedder(onnx_path)
+def export_onnx(model: PathLike, output: Optional[PathLike] = None, opset: int = 17, fp16: bool = False,
+                parity_batch: int = 4) -> ParityReport:
+    """ONNX export (see :func:`export_model`); returns the parity report."""
+    return export_model(model, "onnx", output, fp16=fp16, opset=opset, parity_batch=parity_batch).report
 
+
+def check_parity(backbone: nn.Module, exported: Embedder, fp16: bool = False, batch: int = 3,
+                 seed: int = 0) -> ParityReport:
+    """Embed one random batch with the float32 PyTorch ``backbone`` and with ``exported``.
+
+    Both see the same preprocessed input (``exported.preprocess``: the recorded spec); images are
+    random uint8 RGB at the spec's size, audio random fbank features of :data:`PARITY_FRAMES` frames.
+    """
+    raw_inputs = _random_batch(exported.spec, batch, seed)
     with torch.inference_mode():
-        reference = backbone.eval()(torch.from_numpy(preprocess_images(images, spec))).numpy()
-    exported = onnx_model.embed(images, normalize=False)
-    unit_ref, unit_exp = l2_normalize(reference), l2_normalize(exported)
-    raw = float(np.abs(reference - exported).max() / max(np.abs(reference).max(), 1e-12))
+        reference = backbone.float().eval()(torch.from_numpy(exported.preprocess(raw_inputs))).numpy()
+    candidate = exported.embed(raw_inputs, normalize=False)
+    nan = float("nan")
+    finite = np.isfinite(reference).all() and np.isfinite(candidate).all()
+    if candidate.shape != reference.shape or not finite:
+        # non-finite outputs (e.g. float16 overflow) or a wrong shape: NaN fails the check
+        return ParityReport(max_abs_diff=nan, min_cosine=nan, tolerance=TOLERANCE[fp16],
+                            raw_relative_diff=nan)
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+    unit_ref, unit_exp = l2_normalize(reference), l2_normalize(candidate)
+    raw = float(np.abs(reference - candidate).max() / max(float(np.abs(reference).max()), 1e-12))
     return ParityReport(max_abs_diff=float(np.abs(unit_ref - unit_exp).max()),
                         min_cosine=float((unit_ref * unit_exp).sum(1).min()), tolerance=TOLERANCE[fp16],
                         raw_relative_diff=raw)
 
 
-def _write_metadata(path: Path, metadata: Dict[str, Any]) -> None:
+def default_output(model: Path, format: str, fp16: bool) -> Path:
+    """``<run dir>/model[_fp16]<suffix>``; a checkpoint in ``<run>/checkpoints/`` exports into ``<run>``."""
+    folder = model if model.is_dir() else model.parent
+    if not model.is_dir() and folder.name == "checkpoints":
+        folder = folder.parent
+    return folder / (("model_fp16" if fp16 else "model") + SUFFIXES[format])
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+
+class Float32IO(nn.Module):
+    """Runs a float16 network on float32 inputs and returns float32 outputs (casts inside the graph)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.embedding_size = getattr(net, "embedding_size", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.half()).float()
+
+
+def _write_onnx(backbone: nn.Module, fp16: bool, example: torch.Tensor, path: Path, metadata: Dict[str, Any],
+                opset: int, dynamic_axes: Dict[str, Dict[int, str]]) -> None:
+    net = Float32IO(backbone) if fp16 else backbone
+    torch.onnx.export(net.eval(), (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
     import onnx
 
     proto = onnx.load(str(path))
@@ -105,6 +211,43 @@ def _write_metadata(path: Path, metadata: Dict[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
-def _default_output(model: Path, fp16: bool) -> Path:
-    folder = model if model.is_dir() else model.parent
-    return folder / ("model_fp16.onnx" if fp16 else "model.onnx")
+def _write_torchscript(backbone: nn.Module, fp16: bool, example: torch.Tensor, path: Path,
+                       metadata: Dict[str, Any], opset: int, dynamic_axes: Dict[str, Dict[int, str]]) -> None:
+    net = Float32IO(backbone) if fp16 else backbone
+    # trace, not script: backbones are plain feed-forward graphs; batch and frame sizes stay symbolic.
+    traced = torch.jit.trace(net.eval(), example, check_trace=False)
+    torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
+
+
+def _write_safetensors(backbone: nn.Module, fp16: bool, example: torch.Tensor, path: Path,
+                       metadata: Dict[str, Any], opset: int, dynamic_axes: Dict[str, Dict[int, str]]) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
+    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
+
+
+_WRITERS: Dict[str, Callable[..., None]] = {
+    "onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors,
+}
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def _example_input(spec: Dict[str, Any], batch: int, frames: int) -> np.ndarray:
+    """A preprocessed float32 input for tracing: [B, 3, H, W] images or [B, frames, bins] fbank."""
+    rng = np.random.default_rng(1)
+    if spec.get("modality") == "audio":
+        return rng.standard_normal((batch, frames, int(spec["num_mel_bins"]))).astype(np.float32)
+    height, width = spec["input_size"]
+    return rng.uniform(-1, 1, (batch, 3, height, width)).astype(np.float32)
+
+
+def _random_batch(spec: Dict[str, Any], batch: int, seed: int) -> np.ndarray:
+    """What a user feeds ``embed``: uint8 RGB images [B, H, W, 3], or fbank features [B, T, bins]."""
+    rng = np.random.default_rng(seed)
+    if spec.get("modality") == "audio":
+        return rng.standard_normal((batch, PARITY_FRAMES, int(spec["num_mel_bins"]))).astype(np.float32)
+    height, width = spec["input_size"]
+    return rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)

@@ -1,12 +1,16 @@
-"""Load a trained embedding model (run dir, Lightning checkpoint or exported ONNX) for inference.
+"""Load a trained or exported embedding model for inference: ``load_model(path).embed(batch)``.
 
-Imports neither Lightning nor the training code: an ONNX model needs only onnxruntime and numpy.
+Formats: a run dir or Lightning ``.ckpt``, an exported ``.onnx``, TorchScript ``.pt`` (metadata in the
+``mlearn.json`` extra file) and ``.safetensors`` (metadata in the header's ``__metadata__``; the
+backbone is rebuilt from the recorded ``class_path`` spec). Imports neither Lightning nor the
+training code: an ONNX model needs only onnxruntime and numpy.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -14,6 +18,8 @@ import numpy as np
 
 PathLike = Union[str, Path]
 CHECKPOINT_NAMES = ("last.ckpt",)
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".jit", ".torchscript")
+TORCHSCRIPT_METADATA_FILE = "mlearn.json"
 
 DEFAULT_IMAGE_SPEC: Dict[str, Any] = {
     "modality": "image", "input_size": [112, 112], "channels": "RGB",
@@ -21,19 +27,27 @@ DEFAULT_IMAGE_SPEC: Dict[str, Any] = {
 }
 
 
+# ---------------------------------------------------------------------------------- preprocessing
+
+
 def preprocess_images(images: Any, spec: Dict[str, Any]) -> np.ndarray:
-    """uint8 [N, H, W, 3] RGB (numpy or tensor) -> float32 [N, 3, h, w] normalised as ``spec`` says."""
+    """uint8 RGB images -> float32 [N, 3, h, w] normalised as ``spec`` says (``(x - mean) / std``).
+
+    ``images``: numpy array or tensor, one image or a batch, channels last ([H, W, 3], [N, H, W, 3])
+    or channels first ([3, H, W], [N, 3, H, W]); images of another size are resized (bilinear) to
+    ``spec["input_size"]`` ([height, width]).
+    """
     array = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
     if array.ndim == 3:
         array = array[None]
+    if array.ndim == 4 and array.shape[-1] != 3 and array.shape[1] == 3:
+        array = array.transpose(0, 2, 3, 1)  # channels first -> channels last
     if array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"images: expected uint8 [N, H, W, 3] RGB, got shape {tuple(array.shape)}")
+        raise ValueError(f"images: expected uint8 RGB [N, H, W, 3] or [N, 3, H, W], "
+                         f"got shape {tuple(array.shape)}")
     height, width = spec["input_size"]
     if array.shape[1:3] != (height, width):
-        from PIL import Image
-
-        array = np.stack([np.asarray(Image.fromarray(np.asarray(a, np.uint8)).resize((width, height), Image.BILINEAR))
-                          for a in array])
+        array = np.stack([resize_image(a, height, width) for a in array])
     if spec.get("channels", "RGB") == "BGR":
         array = array[..., ::-1]
     mean = np.asarray(spec["mean"], np.float32)
@@ -42,66 +56,196 @@ def preprocess_images(images: Any, spec: Dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[H, W, 3] uint8 -> [height, width, 3] (bilinear; cv2 when installed, else PIL)."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    if image.shape[:2] == (height, width):
+        return image
+    try:
+        import cv2
+    except ImportError:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def preprocess_features(features: Any, spec: Dict[str, Any]) -> np.ndarray:
+    """Audio: fbank features [T, F] or [N, T, F] (numpy or tensor) -> float32 [N, T, F].
+
+    The waveform -> fbank front-end (``spec``: Kaldi fbank, ``num_mel_bins``, 25/10 ms, CMN) is not
+    applied here: pass features computed as the spec says.
+    """
+    array = features.detach().cpu().numpy() if hasattr(features, "detach") else np.asarray(features)
+    if array.ndim == 2:
+        array = array[None]
+    bins = int(spec.get("num_mel_bins", array.shape[-1]))
+    if array.ndim != 3 or array.shape[-1] != bins:
+        raise ValueError(f"features: expected fbank [N, T, {bins}] (or [T, {bins}]), "
+                         f"got shape {tuple(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+    """Rows of ``x`` [N, D] scaled to unit L2 norm (zero rows stay zero), in ``x``'s dtype.
+
+    The norm is taken in float64: squaring raw float32 embeddings of an untrained network can overflow.
+    """
+    norm = np.linalg.norm(x.astype(np.float64, copy=False), axis=1, keepdims=True)
+    return (x / np.maximum(norm, eps)).astype(x.dtype, copy=False)
 
 
-class TorchEmbedder:
-    """A PyTorch backbone plus its preprocessing. ``embed(images) -> [N, D]`` float32."""
+# -------------------------------------------------------------------------------------- embedders
 
-    def __init__(self, backbone: Any, spec: Dict[str, Any], device: Optional[str] = None) -> None:
+
+class Embedder:
+    """A model plus its recorded preprocessing: ``embed(batch) -> float32 [N, D]`` (L2-normalised).
+
+    Attributes: ``spec`` (the input spec), ``embedding_size``, ``metadata`` (everything recorded at
+    export; for a checkpoint, the same keys rebuilt from it), ``modality`` (``image`` / ``audio``).
+    """
+
+    spec: Dict[str, Any]
+    metadata: Dict[str, Any]
+    embedding_size: int
+
+    @property
+    def modality(self) -> str:
+        return str(self.spec.get("modality", "image"))
+
+    def preprocess(self, batch: Any) -> np.ndarray:
+        """Images (uint8 RGB, see :func:`preprocess_images`) or audio fbank features -> model input."""
+        if self.modality == "audio":
+            return preprocess_features(batch, self.spec)
+        return preprocess_images(batch, self.spec)
+
+    def embed(self, batch: Any, normalize: bool = True) -> np.ndarray:
+        """``batch``: one or N uint8 RGB images (HWC or CHW; numpy or tensor), resized if needed;
+        for audio models fbank features [N, T, F]. Returns float32 [N, D], L2-normalised unless
+        ``normalize=False``."""
+        out = np.asarray(self.forward(self.preprocess(batch)), dtype=np.float32)
+        return l2_normalize(out) if normalize else out
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 inputs -> raw embeddings [N, D]."""
+        raise NotImplementedError
+
+
+class TorchEmbedder(Embedder):
+    """A PyTorch module (eager backbone or TorchScript) and its preprocessing."""
+
+    def __init__(self, backbone: Any, spec: Dict[str, Any], device: Optional[str] = None,
+                 metadata: Optional[Dict[str, Any]] = None) -> None:
         import torch
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backbone = backbone.to(self.device).eval()
-        self.spec = spec
-        self.embedding_size = int(getattr(backbone, "embedding_size", 0))
+        self.spec = dict(spec)
+        self.metadata = dict(metadata or {"input_spec": self.spec})
+        size = getattr(backbone, "embedding_size", 0) or self.metadata.get("embedding_size", 0)
+        self.embedding_size = int(size)
 
-    def embed(self, images: Any, normalize: bool = True) -> np.ndarray:
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(preprocess_images(images, self.spec)).to(self.device)
         with torch.inference_mode():
-            out = self.backbone(x).float().cpu().numpy()
-        return l2_normalize(out) if normalize else out
+            return self.backbone(torch.from_numpy(inputs).to(self.device)).float().cpu().numpy()
 
 
-class OnnxEmbedder:
-    """An exported ONNX model; preprocessing read from its metadata. ``embed(images) -> [N, D]``."""
+class OnnxEmbedder(Embedder):
+    """An exported ONNX model; preprocessing read from its ``metadata_props`` (JSON values)."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, providers: Optional[list] = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(self.path), providers=providers)
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = {k: json.loads(v) for k, v in meta.items()}
+        self.metadata = {k: _json_or_str(v) for k, v in meta.items()}
         self.spec = self.metadata.get("input_spec", DEFAULT_IMAGE_SPEC)
-        self.embedding_size = int(self.metadata.get("embedding_size", 0))
-        self.input_name = self.session.get_inputs()[0].name
+        node = self.session.get_inputs()[0]
+        self.input_name = node.name
+        self.input_dtype = np.float16 if node.type == "tensor(float16)" else np.float32
+        size = self.metadata.get("embedding_size", 0) or self.session.get_outputs()[0].shape[-1]
+        self.embedding_size = int(size)
 
-    def embed(self, images: Any, normalize: bool = True) -> np.ndarray:
-        x = preprocess_images(images, self.spec)
-        if self.session.get_inputs()[0].type == "tensor(float16)":
-            x = x.astype(np.float16)
-        out = self.session.run(None, {self.input_name: x})[0].astype(np.float32)
-        return l2_normalize(out) if normalize else out
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: inputs.astype(self.input_dtype, copy=False)})[0]
 
 
-def load_model(path: PathLike, device: Optional[str] = None) -> Union[TorchEmbedder, OnnxEmbedder]:
-    """Load ``path`` (a run dir, a ``.ckpt`` or a ``.onnx``) as an object with ``.embed(images)``.
+# ------------------------------------------------------------------------------------------ loading
 
-    ``images``: uint8 [N, H, W, 3] RGB numpy array or tensor; the model's recorded preprocessing
-    (input size, mean/std) is applied. Returns L2-normalised float32 [N, D] (``normalize=False`` for raw).
+
+def load_model(path: PathLike, device: Optional[str] = None) -> Embedder:
+    """Load a model as an object with ``.embed(batch)`` (see :meth:`Embedder.embed`).
+
+    ``path``: a run dir or ``.ckpt`` (training checkpoint), ``.onnx``, TorchScript ``.pt``/``.pth``
+    (exported by ``mlearn export --format torchscript``) or ``.safetensors`` (exported by ``mlearn
+    export --format safetensors``; the backbone is rebuilt from the recorded spec). ``device``: torch
+    device for the PyTorch formats (default: CUDA when available); ONNX uses CUDA when onnxruntime has it.
     """
     path = Path(path)
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise FileNotFoundError(f"model not found: {path}")
+    suffix = path.suffix.lower()
+    if (suffix in (".onnx", ".safetensors") or suffix in TORCHSCRIPT_SUFFIXES) and not path.is_file():
+        raise FileNotFoundError(f"model not found: {path}")
+    if suffix == ".onnx":
         return OnnxEmbedder(path)
-    backbone, spec, _ = load_backbone(path)
-    return TorchEmbedder(backbone, spec, device=device)
+    if suffix == ".safetensors":
+        backbone, metadata = load_safetensors(path)
+        return TorchEmbedder(backbone, metadata["input_spec"], device=device, metadata=metadata)
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        module, metadata = load_torchscript(path, device=device)
+        spec = metadata.get("input_spec", DEFAULT_IMAGE_SPEC)
+        return TorchEmbedder(module, spec, device=device, metadata=metadata)
+    backbone, spec, info = load_backbone(path)
+    metadata = {"input_spec": spec, "embedding_size": int(backbone.embedding_size),
+                "backbone": info["backbone"], "config_hash": info["config_hash"]}
+    return TorchEmbedder(backbone, spec, device=device, metadata=metadata)
+
+
+def load_torchscript(path: PathLike, device: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
+    """A TorchScript file and the metadata dict stored in its ``mlearn.json`` extra file ({} if absent)."""
+    import torch
+
+    extra = {TORCHSCRIPT_METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still supported
+        try:
+            module = torch.jit.load(str(path), map_location=device or "cpu", _extra_files=extra)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: not a TorchScript file ({str(exc).splitlines()[0]}); "
+                             "export one with `mlearn export --format torchscript`") from exc
+    raw = extra[TORCHSCRIPT_METADATA_FILE]
+    metadata = json.loads(raw.decode() if isinstance(raw, bytes) else raw) if raw else {}
+    return module.eval(), metadata
+
+
+def read_safetensors_metadata(path: PathLike) -> Dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file, each (string) value JSON-decoded where possible."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    return {k: _json_or_str(v) for k, v in raw.items()}
+
+
+def load_safetensors(path: PathLike) -> Tuple[Any, Dict[str, Any]]:
+    """Rebuild the backbone recorded in a safetensors file's metadata and load its weights (as float32)."""
+    from safetensors.torch import load_file
+
+    metadata = read_safetensors_metadata(path)
+    spec = metadata.get("backbone")
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"{path}: no backbone class_path in the safetensors metadata "
+                         "(export it with `mlearn export --format safetensors`)")
+    backbone = instantiate(spec)
+    backbone.load_state_dict(load_file(str(path)))  # copy_ casts fp16 weights into the fp32 module
+    backbone.eval()
+    metadata.setdefault("input_spec", dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC)))
+    return backbone, metadata
 
 
 def resolve_checkpoint(path: PathLike) -> Path:
@@ -117,7 +261,8 @@ def resolve_checkpoint(path: PathLike) -> Path:
             return found[-1]
         raise FileNotFoundError(f"no checkpoint in run dir {path} (expected {path}/checkpoints/last.ckpt)")
     if not path.is_file():
-        raise FileNotFoundError(f"model not found: {path} (expected a run dir, a .ckpt or a .onnx file)")
+        raise FileNotFoundError(f"model not found: {path} "
+                                "(expected a run dir, .ckpt, .onnx, .pt or .safetensors)")
     return path
 
 
@@ -134,7 +279,8 @@ def load_backbone(path: PathLike) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     spec = _backbone_spec(checkpoint, ckpt_path)
     backbone = instantiate(spec)
-    state = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
+    state = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items()
+             if k.startswith("backbone.")}
     backbone.load_state_dict(state)
     backbone.eval()
     input_spec = dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC))
@@ -159,3 +305,10 @@ def instantiate(spec: Dict[str, Any]) -> Any:
     kwargs = {k: instantiate(v) if isinstance(v, dict) and "class_path" in v else v
               for k, v in (spec.get("init_args") or {}).items()}
     return cls(**kwargs)
+
+
+def _json_or_str(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value

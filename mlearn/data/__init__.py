@@ -1,0 +1,38 @@
+"""Datasets (RecordIO, image folders, lists, .bin pairs, synthetic), transforms and data modules.
+
+Names are imported lazily so that ``import mlearn.data.bins`` stays light.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "FaceDataModule": "mlearn.data.datamodule",
+    "make_face_dataset": "mlearn.data.synthetic",
+    "read_bin": "mlearn.data.bins",
+    "write_bin": "mlearn.data.bins",
+    "RecordIODataset": "mlearn.data.recordio",
+    "RecordIOReader": "mlearn.data.recordio",
+    "RecordIOWriter": "mlearn.data.recordio",
+    "ImageFolderDataset": "mlearn.data.folders",
+    "ImageListDataset": "mlearn.data.folders",
+    "IdentityImageDataset": "mlearn.data.folders",
+    "open_dataset": "mlearn.data.folders",
+    "load_label_map": "mlearn.data.folders",
+    "CorruptSampleError": "mlearn.data.corrupt",
+    "collate_skip_corrupt": "mlearn.data.corrupt",
+    "build_transform": "mlearn.data.transforms",
+    "list_augmentations": "mlearn.data.transforms",
+    "inspect_dataset": "mlearn.data.inspect",
+    "convert_dataset": "mlearn.data.inspect",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mlearn.data' has no attribute '{name}'")
+
+
+__all__ = sorted(_EXPORTS)

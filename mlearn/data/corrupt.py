@@ -1,0 +1,79 @@
+"""Decoding encoded images, and skipping (and counting) corrupt samples instead of dying mid-epoch.
+
+A dataset in non-strict mode returns ``None`` for a sample it cannot read or decode;
+:func:`collate_skip_corrupt` drops those from the batch and reports how many it dropped, so the
+training loop can sum the count and report it at the end of the epoch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+log = logging.getLogger(__name__)
+
+# OpenCV >= 4.10 decodes straight to RGB (one pass less than decode + cvtColor)
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+class CorruptSampleError(RuntimeError):
+    """A sample that cannot be read or decoded; the message names the record index or file."""
+
+
+def decode_image(data: bytes, where: Union[str, Callable[[], str]]) -> np.ndarray:
+    """Decode JPEG/PNG/BMP/WebP ``data``. Returns uint8 [H, W, 3] RGB.
+
+    Grayscale images are expanded to three channels and alpha is dropped. Raises
+    :class:`CorruptSampleError` naming ``where`` (a string, or a callable giving it, formatted only
+    on failure) when the bytes are not a decodable image.
+    """
+    if not data:
+        raise CorruptSampleError(f"{where_text(where)}: empty image payload")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buffer, _IMREAD_RGB if _IMREAD_RGB is not None else cv2.IMREAD_COLOR)
+    if image is None:
+        raise CorruptSampleError(f"{where_text(where)}: cannot decode image ({len(data)} bytes, "
+                                 f"starts {data[:4].hex()})")
+    return image if _IMREAD_RGB is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def where_text(where: Union[str, Callable[[], str]]) -> str:
+    """``where`` itself, or the text its callable gives (error messages built only when needed)."""
+    return where if isinstance(where, str) else where()
+
+
+def image_extension(data: bytes) -> str:
+    """File extension (``.jpg``, ``.png``, ...) matching the signature of encoded image ``data``."""
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ".png"
+    if data[:2] == b"BM":
+        return ".bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return ".jpg"  # unknown: insightface sets are JPEG; the decoder sniffs the content anyway
+
+
+def collate_skip_corrupt(batch: Sequence[Optional[Tuple[Any, int]]]
+                         ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Collate ``(image, label)`` samples, dropping the ``None`` of corrupt ones.
+
+    Returns ``(images [B', ...], labels [B'] int64, num_corrupt)`` with ``B' = B - num_corrupt``.
+    Images that are numpy arrays (no transform) are stacked as tensors of their dtype. When every
+    sample of the batch is corrupt the trailing shape is unknown: ``images`` is an empty float32
+    tensor of shape [0] and ``labels`` an empty int64 tensor; the training step should skip a batch
+    with ``labels.numel() == 0``.
+    """
+    good: List[Tuple[Any, int]] = [sample for sample in batch if sample is not None]
+    num_corrupt = len(batch) - len(good)
+    if num_corrupt:
+        log.debug("dropped %d corrupt sample(s) from a batch of %d", num_corrupt, len(batch))
+    if not good:
+        return torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.long), num_corrupt
+    images, labels = default_collate(good)
+    return images, torch.as_tensor(labels, dtype=torch.long), num_corrupt

@@ -1,0 +1,583 @@
+"""insightface RecordIO (``train.rec`` + ``train.idx`` + ``property``) read and written without mxnet.
+
+Byte layout (dmlc-core RecordIO, little-endian). Each record is one or more parts::
+
+    uint32 magic = 0xced7230a
+    uint32 lrec  = cflag << 29 | length        cflag: 0 whole, 1 first, 2 middle, 3 last part
+    length bytes of data, zero-padded to a multiple of 4
+
+The writer splits a record wherever the magic number occurs in the data at a 4-byte-aligned
+position, dropping those 4 bytes; the reader puts the magic back between parts. ``train.idx`` holds
+``key<TAB>byte offset`` lines. A record's data is an image record (mxnet ``recordio.pack``)::
+
+    struct IRHeader {uint32 flag; float32 label; uint64 id; uint64 id2}   (24 bytes, "<IfQQ")
+    flag > 0: flag float32 labels follow the header (and the header's label field is 0)
+    then the encoded image (JPEG in insightface sets)
+
+insightface sets start with header record 0: ``flag=2, label=[N+1, N+1+C]``. Images are keys
+``1..N``; keys ``N+1..N+C`` are identity records whose label ``[start, end)`` is the key range of
+that identity's images. ``property`` is ``num_classes,height,width``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+from mlearn.data.corrupt import CorruptSampleError, decode_image, where_text
+from mlearn.data.folders import IdentityImageDataset, PathLike, Transform
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_LEN_MASK = (1 << 29) - 1
+_IR_FORMAT = "<IfQQ"
+IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
+_BIG_SPAN = 1 << 22  # spans larger than this (gaps in the index) are read header-first
+
+
+class IRHeader(NamedTuple):
+    """mxnet's image-record header. ``label`` is a float, or float32 [flag] when ``flag > 0``."""
+
+    flag: int
+    label: Union[float, np.ndarray]
+    id: int
+    id2: int
+
+
+def pack(header: IRHeader, payload: bytes) -> bytes:
+    """Serialise ``header`` + ``payload`` like ``mxnet.recordio.pack`` (array labels set ``flag``)."""
+    label = header.label
+    if isinstance(label, (int, float, np.integer, np.floating)):
+        return struct.pack(_IR_FORMAT, 0, float(label), header.id, header.id2) + payload
+    values = np.asarray(label, dtype="<f4").ravel()
+    return struct.pack(_IR_FORMAT, len(values), 0.0, header.id, header.id2) + values.tobytes() + payload
+
+
+def unpack(record: bytes, where: Union[str, Callable[[], str]] = "record") -> Tuple[IRHeader, bytes]:
+    """Split a record into ``(IRHeader, payload)`` like ``mxnet.recordio.unpack``. ``where`` (or a
+    callable giving it) names the record in error messages."""
+    if len(record) < IR_SIZE:
+        raise CorruptSampleError(f"{where_text(where)}: {len(record)} bytes, shorter than the "
+                                 f"{IR_SIZE}-byte IRHeader")
+    flag, label, id_, id2 = struct.unpack_from(_IR_FORMAT, record)
+    if flag == 0:
+        return IRHeader(0, label, id_, id2), record[IR_SIZE:]
+    end = IR_SIZE + 4 * flag
+    if len(record) < end:
+        raise CorruptSampleError(f"{where_text(where)}: IRHeader flag={flag} needs {end} bytes, record has "
+                                 f"{len(record)}")
+    labels = np.frombuffer(record, dtype="<f4", count=flag, offset=IR_SIZE).astype(np.float32)
+    return IRHeader(flag, labels, id_, id2), record[end:]
+
+
+def frame(data: bytes) -> bytes:
+    """Encode ``data`` as RecordIO part(s), as dmlc's ``RecordIOWriter::WriteRecord`` does."""
+    if len(data) >= 1 << 29:
+        raise ValueError(f"RecordIO records must be < 2^29 bytes, got {len(data)}")
+    parts: List[bytes] = []
+    start = 0
+    pos = data.find(_MAGIC_BYTES)
+    while pos != -1:
+        if pos % 4 == 0:  # only aligned occurrences split the record
+            parts.append(data[start:pos])
+            start = pos + 4
+            pos = data.find(_MAGIC_BYTES, start)
+        else:
+            pos = data.find(_MAGIC_BYTES, pos + 1)
+    parts.append(data[start:])
+    out = bytearray()
+    for i, part in enumerate(parts):
+        if len(parts) == 1:
+            cflag = 0
+        else:
+            cflag = 1 if i == 0 else (3 if i == len(parts) - 1 else 2)
+        out += struct.pack("<II", MAGIC, (cflag << 29) | len(part))
+        out += part
+        out += b"\0" * (-len(part) % 4)
+    return bytes(out)
+
+
+class _Short(Exception):
+    """The buffer ends inside the record; ``needed`` bytes from its start are required to go on."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+
+
+def _unframe(buf: bytes, where: Callable[[], str]) -> bytes:
+    """Parse the record at the start of ``buf`` and return its data (parts joined). Raises
+    :class:`_Short` when ``buf`` ends inside it and :class:`CorruptSampleError` on a bad layout."""
+    pos = 0
+    parts: List[bytes] = []
+    while True:
+        if len(buf) < pos + 8:
+            raise _Short(pos + 8)
+        magic, lrec = struct.unpack_from("<II", buf, pos)
+        if magic != MAGIC:
+            raise CorruptSampleError(f"{where()}: bad magic 0x{magic:08x} at +{pos} (expected 0x{MAGIC:08x})")
+        cflag, length = lrec >> 29, lrec & _LEN_MASK
+        first = not parts
+        if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
+            raise CorruptSampleError(f"{where()}: unexpected continuation flag {cflag} at +{pos}")
+        end = pos + 8 + length
+        if len(buf) < end:
+            raise _Short(end if cflag in (0, 3) else end + (-length % 4) + 8)
+        parts.append(buf[pos + 8:end])
+        pos = end + (-length % 4)
+        if cflag in (0, 3):
+            return parts[0] if len(parts) == 1 else _MAGIC_BYTES.join(parts)
+
+
+def _read_index(idx_path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """Parse ``key<TAB>offset`` lines: (keys int64 [N], offsets int64 [N])."""
+    text = idx_path.read_bytes()
+    try:
+        values = np.array(text.split(), dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"{idx_path}: expected 'key<TAB>offset' integer lines") from None
+    if values.size % 2:
+        raise ValueError(f"{idx_path}: odd number of fields; expected 'key<TAB>offset' lines")
+    pairs = values.reshape(-1, 2)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+class RecordIOReader:
+    """Random access to the records of a ``.rec`` file through its ``.idx``.
+
+    Safe with DataLoader workers: the file is opened lazily once per process (a forked worker
+    re-opens it), reads are positional (``os.pread``), and pickling drops the handle. Without an
+    ``.idx`` the file is scanned once and records get keys ``0..N-1`` in file order.
+    """
+
+    def __init__(self, rec_path: PathLike, idx_path: Optional[PathLike] = None) -> None:
+        self.rec_path = Path(rec_path)
+        if not self.rec_path.is_file():
+            raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        self.file_size = self.rec_path.stat().st_size
+        self._fd: Optional[int] = None
+        self._file: Any = None
+        self._pid = -1
+        self._lock = threading.Lock()
+        if self.idx_path.is_file():
+            keys, offsets = _read_index(self.idx_path)
+        else:
+            log.warning("%s: no index %s; scanning the file to build one", self.rec_path, self.idx_path)
+            offsets = self._scan_offsets()
+            keys = np.arange(len(offsets), dtype=np.int64)
+        if (offsets < 0).any():
+            raise ValueError(f"{self.idx_path}: negative offset for key {int(keys[np.argmax(offsets < 0)])}")
+        past_end = int((offsets >= self.file_size).sum())
+        if past_end:  # kept: reading them raises CorruptSampleError, so a loader skips and counts them
+            log.warning("%s: %d index entries point past the end of %s (%d bytes); truncated file?",
+                        self.idx_path, past_end, self.rec_path, self.file_size)
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.offsets = offsets[order]
+        if len(self.keys) > 1 and (np.diff(self.keys) == 0).any():
+            raise ValueError(f"{self.idx_path}: duplicate keys")
+        self._contiguous = len(self.keys) > 0 and self.keys[0] == 0 and self.keys[-1] == len(self.keys) - 1
+        # a record spans from its offset to the next record's offset (or end of file): one read each
+        by_offset = np.argsort(self.offsets, kind="stable")
+        ends = np.empty_like(self.offsets)
+        ends[by_offset[:-1]] = self.offsets[by_offset[1:]]
+        if len(by_offset):
+            ends[by_offset[-1]] = self.file_size
+        self.spans = np.maximum(ends - self.offsets, 0)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: int) -> bool:
+        return self._position(key) is not None
+
+    def _position(self, key: int) -> Optional[int]:
+        if self._contiguous:
+            return int(key) if 0 <= key < len(self.keys) else None
+        pos = int(np.searchsorted(self.keys, key))
+        return pos if pos < len(self.keys) and self.keys[pos] == key else None
+
+    def _scan_offsets(self) -> np.ndarray:
+        offsets: List[int] = []
+        with self.rec_path.open("rb") as f:
+            pos, first = 0, True
+            while pos + 8 <= self.file_size:
+                f.seek(pos)
+                magic, lrec = struct.unpack("<II", f.read(8))
+                if magic != MAGIC:
+                    raise ValueError(f"{self.rec_path}: bad magic at byte {pos}; cannot index it "
+                                     f"without an .idx")
+                cflag, length = lrec >> 29, lrec & _LEN_MASK
+                if first:
+                    offsets.append(pos)
+                first = cflag in (0, 3)
+                pos += 8 + length + (-length % 4)
+        return np.asarray(offsets, dtype=np.int64)
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # first use in this process (or a forked DataLoader worker)
+            self._open()
+        if self._fd is not None:
+            return os.pread(self._fd, size, offset)
+        with self._lock:
+            self._file.seek(offset)
+            return self._file.read(size)
+
+    def _open(self) -> None:
+        if hasattr(os, "pread"):
+            self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        else:  # Windows
+            self._file = self.rec_path.open("rb", buffering=0)
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        """Close this process's file handle (reopened on the next read)."""
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        if self._file is not None:
+            self._file.close()
+        self._fd, self._file, self._pid = None, None, -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_fd=None, _file=None, _pid=-1, _lock=None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def where(self, key: int) -> str:
+        return f"record {key} of {self.rec_path}"
+
+    def read(self, key: int, prefix: Optional[int] = None) -> bytes:
+        """The data of record ``key`` (multi-part records joined). Raises ``KeyError`` for an unknown
+        key and :class:`CorruptSampleError` for a truncated or malformed record.
+
+        With ``prefix``, only the first ``prefix`` bytes of the data are needed (a cheap header
+        read); fewer come back only when the record is shorter.
+        """
+        pos = self._position(key)
+        if pos is None:
+            raise KeyError(f"key {key} not in {self.idx_path}")
+        offset, span = int(self.offsets[pos]), int(self.spans[pos])
+
+        def where() -> str:
+            return self.where(key)
+        available = self.file_size - offset
+        size = min(span, _BIG_SPAN) if prefix is None else min(span, 8 + prefix)
+        while True:
+            try:
+                buf = self._pread(offset, max(size, 8))
+            except OSError as exc:
+                raise CorruptSampleError(f"{where()}: read error at byte {offset} ({exc})") from None
+            if prefix is not None and len(buf) >= 8:
+                magic, lrec = struct.unpack_from("<II", buf)
+                length = lrec & _LEN_MASK
+                if magic == MAGIC and lrec >> 29 in (0, 1) and len(buf) >= 8 + min(prefix, length):
+                    if length >= prefix or lrec >> 29 == 0:
+                        return buf[8:8 + min(prefix, length)]
+                prefix = None  # the magic split the header: read the whole record
+            try:
+                return _unframe(buf, where)
+            except _Short as short:
+                if short.needed > available or short.needed <= len(buf):
+                    raise CorruptSampleError(f"{where()}: truncated (needs {short.needed} bytes from offset "
+                                             f"{offset}, file has {available})") from None
+                size = max(short.needed, min(span, _BIG_SPAN))
+
+
+class _IndexedWriter:
+    """Low-level ``.rec`` + ``.idx`` writer; keys must increase (the index is streamed, so writing
+    tens of millions of records needs no memory per record)."""
+
+    def __init__(self, rec_path: Path, idx_path: Path) -> None:
+        self.rec_path, self.idx_path = rec_path, idx_path
+        self._file = rec_path.open("wb")
+        self._idx = idx_path.open("w")
+        self._last_key = -1
+        self._reserved: Dict[int, Tuple[int, int]] = {}  # key -> (offset, framed size), for overwrite()
+
+    def write(self, key: int, data: bytes, reserve: bool = False) -> int:
+        """Append record ``key``; with ``reserve`` it can be rewritten later by :meth:`overwrite`."""
+        if key <= self._last_key:
+            raise ValueError(f"{self.rec_path}: key {key} after key {self._last_key}; keys must increase")
+        offset = self._file.tell()
+        framed = frame(data)
+        self._file.write(framed)
+        self._idx.write(f"{key}\t{offset}\n")
+        self._last_key = key
+        if reserve:
+            self._reserved[key] = (offset, len(framed))
+        return offset
+
+    def overwrite(self, key: int, data: bytes) -> None:
+        """Rewrite reserved record ``key`` in place; the new framed record must have the old size."""
+        offset, size = self._reserved[key]
+        framed = frame(data)
+        if len(framed) != size:
+            raise ValueError(f"{self.rec_path}: record {key} is {size} bytes; cannot overwrite with "
+                             f"{len(framed)}")
+        end = self._file.tell()
+        self._file.seek(offset)
+        self._file.write(framed)
+        self._file.seek(end)
+
+    def close(self) -> None:
+        self._file.close()
+        self._idx.close()
+
+
+class RecordIOWriter:
+    """Write an insightface-style RecordIO set: ``root/train.rec``, ``train.idx``, ``property``.
+
+    Add images grouped by label (each label's images contiguous, as insightface's identity
+    records require; not needed with ``insightface_header=False``)::
+
+        with RecordIOWriter(root) as writer:
+            writer.add(jpeg_bytes_or_rgb_uint8_array, label)
+
+    On close it writes header record 0 (``flag=2, label=[N+1, N+1+C]``), one identity record per
+    label (keys ``N+1..N+C``, label ``[first key, last key + 1)``) and ``property``. With
+    ``insightface_header=False`` only the images are written, with keys ``0..N-1``.
+    """
+
+    def __init__(self, root: PathLike, insightface_header: bool = True, jpeg_quality: int = 95,
+                 name: str = "train") -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.insightface_header = insightface_header
+        self.jpeg_quality = jpeg_quality
+        self._writer = _IndexedWriter(self.root / f"{name}.rec", self.root / f"{name}.idx")
+        self._next_key = 1 if insightface_header else 0
+        self._ranges: List[Tuple[float, int, int]] = []  # (class label, first key, end key)
+        self._seen: set = set()
+        self._shape: Optional[Tuple[int, int]] = None
+        self._closed = False
+        if insightface_header:  # placeholder of the final size, rewritten on close
+            self._writer.write(0, self._header0(0, 0), reserve=True)
+
+    @staticmethod
+    def _header0(a: int, b: int) -> bytes:
+        return pack(IRHeader(2, np.array([a, b], np.float32), 0, 0), b"")
+
+    def __len__(self) -> int:
+        return self._next_key - (1 if self.insightface_header else 0)
+
+    def add(self, image: Union[bytes, np.ndarray], label: Union[int, float, Sequence[float]]) -> int:
+        """Append one image (encoded bytes, or uint8 [H, W, 3] RGB encoded as JPEG). ``label`` is a
+        number, or a float sequence stored as ``flag = len(label)`` floats (class = ``label[0]``).
+        Returns the record key."""
+        if self._closed:
+            raise ValueError(f"{self._writer.rec_path}: writer is closed")
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"expected a uint8 [H, W, 3] RGB image, got {image.dtype} {image.shape}")
+            if self._shape is None:
+                self._shape = image.shape[:2]
+            ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                                       [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+            if not ok:
+                raise ValueError("cv2.imencode failed")
+            payload = encoded.tobytes()
+        else:
+            payload = bytes(image)
+            if self._shape is None:
+                try:
+                    self._shape = decode_image(payload, "first image").shape[:2]
+                except CorruptSampleError:
+                    pass
+        scalar = isinstance(label, (int, float, np.integer, np.floating))
+        cls = float(label) if scalar else float(np.asarray(label, dtype=np.float32).ravel()[0])
+        key = self._next_key
+        if not self._ranges or self._ranges[-1][0] != cls:
+            if cls in self._seen and self.insightface_header:
+                raise ValueError(f"label {cls:g} was added before, then other labels; add images grouped "
+                                 f"by label")
+            self._seen.add(cls)
+            self._ranges.append((cls, key, key))
+        self._ranges[-1] = (cls, self._ranges[-1][1], key + 1)
+        self._writer.write(key, pack(IRHeader(0, float(label) if scalar else label, key, 0), payload))
+        self._next_key += 1
+        return key
+
+    def close(self) -> None:
+        """Write the identity records, header record 0, the index and ``property``."""
+        if self._closed:
+            return
+        self._closed = True
+        num_images = len(self)
+        if self.insightface_header:
+            first_identity = num_images + 1
+            for j, (_, start, end) in enumerate(self._ranges):
+                key = first_identity + j
+                label = np.array([start, end], np.float32)
+                self._writer.write(key, pack(IRHeader(2, label, key, 0), b""))
+            self._writer.overwrite(0, self._header0(first_identity, first_identity + len(self._ranges)))
+        self._writer.close()
+        height, width = self._shape or (112, 112)
+        (self.root / "property").write_text(f"{len(self._seen)},{height},{width}\n")
+
+    def __enter__(self) -> "RecordIOWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _find_rec(root: Path) -> Tuple[Path, Path]:
+    if root.is_dir():
+        return root / "train.rec", root / "train.idx"
+    return root, root.with_suffix(".idx")
+
+
+class RecordIODataset(IdentityImageDataset):
+    """An insightface RecordIO training set (MS1MV2/V3, Glint360K, WebFace, CASIA as distributed).
+
+    Args:
+        root: folder with ``train.rec`` + ``train.idx`` (+ optional ``property``), or a ``.rec`` path
+            (index beside it with the ``.idx`` suffix).
+        transform: applied to the uint8 [H, W, 3] RGB image.
+        strict: raise :class:`CorruptSampleError` for a corrupt record instead of returning ``None``.
+
+    Labels come from the identity records when header record 0 provides them (three small reads per
+    identity: its range, and the labels of its first and last image, which must agree), otherwise
+    from reading every image record's header (no image decoding).
+    """
+
+    format_name = "recordio"
+
+    def __init__(self, root: PathLike, transform: Optional[Transform] = None, strict: bool = False) -> None:
+        super().__init__(transform, strict)
+        self.root = Path(root)
+        rec_path, idx_path = _find_rec(self.root)
+        if not rec_path.is_file():
+            raise FileNotFoundError(f"RecordIO file not found: {rec_path}")
+        self.reader = RecordIOReader(rec_path, idx_path)
+        self.header0: Optional[Tuple[int, int]] = None
+        image_keys = self._image_keys()
+        original = self._labels_from_identity_records(image_keys) if self.header0 else None
+        if original is None:
+            original, image_keys = self._labels_from_headers(image_keys)
+        self.image_keys = image_keys
+        uniques, inverse = np.unique(original, return_inverse=True)
+        self.labels = inverse.astype(np.int64).ravel()
+        self.label_map: Dict[Hashable, int] = {int(u) if float(u).is_integer() else float(u): i
+                                                for i, u in enumerate(uniques.tolist())}
+        self.image_shape = self._read_property(rec_path.parent / "property")
+
+    def _image_keys(self) -> np.ndarray:
+        keys = self.reader.keys
+        if 0 not in self.reader:
+            return keys
+        try:
+            header, payload = unpack(self.reader.read(0), self.reader.where(0))
+        except CorruptSampleError:
+            return keys
+        if header.flag >= 2 and not payload:
+            start, end = int(header.label[0]), int(header.label[1])
+            self.header0 = (start, end)
+            return np.arange(1, start, dtype=np.int64)
+        return keys
+
+    def _labels_from_identity_records(self, image_keys: np.ndarray) -> Optional[np.ndarray]:
+        """Original labels from identity records ``[start, end)``; ``None`` if they do not tile the images."""
+        assert self.header0 is not None
+        start, end = self.header0
+        if end <= start:
+            return None
+        labels = np.full(len(image_keys), np.nan, dtype=np.float64)
+        try:
+            for key in range(start, end):
+                header, _ = unpack(self.reader.read(key), self.reader.where(key))
+                a, b = int(header.label[0]), int(header.label[1])
+                if not 1 <= a < b <= len(image_keys) + 1 or not np.isnan(labels[a - 1:b - 1]).all():
+                    return None
+                cls = self._read_class(a)
+                if b - 1 > a and self._read_class_or_none(b - 1) not in (cls, None):
+                    return None  # not one identity per range: read every header instead
+                labels[a - 1:b - 1] = cls
+        except (CorruptSampleError, KeyError, IndexError, TypeError):
+            return None
+        if np.isnan(labels).any():
+            return None
+        return labels
+
+    def _labels_from_headers(self, image_keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Original labels read from every image header; records whose header cannot be read are
+        dropped (logged). Returns (labels float64 [N'], image keys [N'])."""
+        labels = np.empty(len(image_keys), dtype=np.float64)
+        readable = np.ones(len(image_keys), dtype=bool)
+        for i, key in enumerate(image_keys.tolist()):
+            try:
+                labels[i] = self._read_class(key)
+            except CorruptSampleError as exc:
+                readable[i] = False
+                log.warning("dropped (label unreadable): %s", exc)
+        return labels[readable], image_keys[readable]
+
+    def _read_class_or_none(self, key: int) -> Optional[float]:
+        try:
+            return self._read_class(key)
+        except CorruptSampleError:
+            return None
+
+    def _read_class(self, key: int) -> float:
+        """The class label of image record ``key`` from its first bytes (``label[0]`` for array labels,
+        as arcface_torch does)."""
+        data = self.reader.read(key, prefix=IR_SIZE + 4)
+        if len(data) < IR_SIZE:
+            raise CorruptSampleError(f"{self.reader.where(key)}: {len(data)} bytes, shorter than the "
+                                     f"{IR_SIZE}-byte IRHeader")
+        flag, label = struct.unpack_from("<If", data)
+        if flag == 0:
+            return float(label)
+        if len(data) < IR_SIZE + 4:
+            raise CorruptSampleError(f"{self.reader.where(key)}: IRHeader flag={flag} but no label array")
+        return float(struct.unpack_from("<f", data, IR_SIZE)[0])
+
+    @staticmethod
+    def _read_property(path: Path) -> Optional[Tuple[int, int]]:
+        if not path.is_file():
+            return None
+        try:
+            fields = [int(x) for x in path.read_text().strip().split(",")]
+            return fields[1], fields[2]
+        except (ValueError, IndexError):
+            log.warning("%s: expected 'num_classes,height,width'; ignored", path)
+            return None
+
+    def property_num_classes(self) -> Optional[int]:
+        """The class count written in ``property`` (``None`` without one)."""
+        path = self.reader.rec_path.parent / "property"
+        try:
+            return int(path.read_text().split(",")[0])
+        except (OSError, ValueError):
+            return None
+
+    def describe(self, index: int) -> str:
+        return self.reader.where(int(self.image_keys[index]))
+
+    def read_record(self, index: int) -> Tuple[IRHeader, bytes]:
+        """``(IRHeader, encoded image)`` of sample ``index``; raises :class:`CorruptSampleError`."""
+        key = int(self.image_keys[index])
+        return unpack(self.reader.read(key), lambda: self.reader.where(key))
+
+    def read_bytes(self, index: int) -> bytes:
+        return self.read_record(index)[1]
+

@@ -1,0 +1,256 @@
+"""Image augmentation with albumentations, chosen by name (a preset) or as a YAML list.
+
+Every transform built here maps a uint8 [H, W, 3] RGB image to a float32 tensor [3, S, S]
+normalised as ``(x - 127.5) / 127.5`` (range [-1, 1]); images whose size differs from
+``image_size`` are resized first. Presets:
+
+- ``standard``: horizontal flip (p=0.5), as arcface_torch.
+- ``eval``: no augmentation.
+- ``low_quality`` (alias ``adaface``): AdaFace's augmentations, each with p=0.2, in AdaFace's order:
+  a random-resized-crop box kept in place on a zero canvas, low-resolution down/up-sampling by a
+  factor in [0.2, 1] with random OpenCV interpolations, photometric jitter (brightness, contrast,
+  saturation 0.5); then horizontal flip (p=0.5).
+
+A custom list names albumentations classes (or this module's ``ZeroPadRandomCrop`` and
+``LowResolution``) with their arguments, e.g. from YAML::
+
+    augmentation:
+      - {name: HorizontalFlip, p: 0.5}
+      - {name: GaussianBlur, blur_limit: [3, 5], p: 0.1}
+      - {name: OneOf, transforms: [{name: MotionBlur}, {name: MedianBlur}], p: 0.2}
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from mlearn.registry import Registry, check_kwargs
+
+AugmentationSpec = Union[str, Sequence[Mapping[str, Any]]]
+ALBUMENTATIONS_DOCS = "https://albumentations.ai/docs/api-reference/"
+_INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA, cv2.INTER_CUBIC, cv2.INTER_LANCZOS4)
+_APPENDED = {"Normalize", "ToTensorV2", "ToFloat"}
+
+PRESETS: Registry[List[Any]] = Registry("augmentation preset")
+
+
+def _rng(transform: Any) -> Any:
+    """The transform's generator (albumentations >= 2 seeds one per Compose), else numpy's global one."""
+    return getattr(transform, "random_generator", None) or np.random
+
+
+class ZeroPadRandomCrop(A.ImageOnlyTransform):
+    """AdaFace's crop augmentation: draw a RandomResizedCrop box (area ``scale``, aspect ``ratio``)
+    and keep only that box, in place, on a black canvas of the input size."""
+
+    def __init__(self, scale: Tuple[float, float] = (0.2, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                 p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+
+    def box(self, height: int, width: int) -> Tuple[int, int, int, int]:
+        """``(top, left, h, w)`` drawn as torchvision's ``RandomResizedCrop.get_params``."""
+        rng = _rng(self)
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.uniform(0, height - h + 1)) if height > h else 0
+                left = int(rng.uniform(0, width - w + 1)) if width > w else 0
+                return min(top, height - h), min(left, width - w), h, w
+        in_ratio = width / height  # fallback: the whole image, clamped to the ratio range
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        top, left, h, w = self.box(img.shape[0], img.shape[1])
+        out = np.zeros_like(img)
+        out[top:top + h, left:left + w] = img[top:top + h, left:left + w]
+        return out
+
+    def get_transform_init_args_names(self) -> Tuple[str, ...]:
+        return ("scale", "ratio")
+
+
+class LowResolution(A.ImageOnlyTransform):
+    """AdaFace's low-resolution augmentation: resize to a square of side ``ratio * H`` (ratio uniform
+    in ``scale``) and back to the input size, each way with a random OpenCV interpolation."""
+
+    def __init__(self, scale: Tuple[float, float] = (0.2, 1.0), p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.scale = tuple(scale)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        rng = _rng(self)
+        side = max(1, int(rng.uniform(*self.scale) * img.shape[0]))
+        down = int(_INTERPOLATIONS[int(rng.uniform(0, len(_INTERPOLATIONS)))])
+        up = int(_INTERPOLATIONS[int(rng.uniform(0, len(_INTERPOLATIONS)))])
+        small = cv2.resize(img, (side, side), interpolation=down)
+        return cv2.resize(small, (img.shape[1], img.shape[0]), interpolation=up)
+
+    def get_transform_init_args_names(self) -> Tuple[str, ...]:
+        return ("scale",)
+
+
+_EXTRA_TRANSFORMS: Dict[str, Any] = {"ZeroPadRandomCrop": ZeroPadRandomCrop, "LowResolution": LowResolution}
+
+
+@PRESETS.register("standard")
+def standard_preset() -> List[Any]:
+    """Horizontal flip (p=0.5)."""
+    return [A.HorizontalFlip(p=0.5)]
+
+
+@PRESETS.register("eval", "none")
+def eval_preset() -> List[Any]:
+    """No augmentation."""
+    return []
+
+
+@PRESETS.register("low_quality", "adaface")
+def low_quality_preset(crop_p: float = 0.2, low_res_p: float = 0.2, photometric_p: float = 0.2) -> List[Any]:
+    """AdaFace: zero-padded crop, low resolution, photometric jitter (each p=0.2), then flip (p=0.5)."""
+    return [
+        ZeroPadRandomCrop(scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), p=crop_p),
+        LowResolution(scale=(0.2, 1.0), p=low_res_p),
+        A.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.0, p=photometric_p),
+        A.HorizontalFlip(p=0.5),
+    ]
+
+
+def to_normalized_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (or float in [0, 255]) [H, W, 3] -> float32 tensor [3, H, W] as ``(x - 127.5) / 127.5``."""
+    chw = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
+    chw[...] = image.transpose(2, 0, 1)
+    chw -= 127.5
+    chw *= 1 / 127.5
+    return torch.from_numpy(chw)
+
+
+def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> contiguous uint8 tensor [3, H, W], to be normalised later on the device."""
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    chw = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.uint8)
+    # cv2.split de-interleaves straight into the planes of chw: about twice as fast as numpy's transposed copy
+    cv2.split(np.ascontiguousarray(image), list(chw))
+    return torch.from_numpy(chw)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 ``(x - 127.5) / 127.5``; float input is returned unchanged.
+
+    The device-side half of ``output="uint8"`` transforms: batches travel from the DataLoader
+    workers as uint8 (4x less memory traffic) and are normalised on the GPU.
+    """
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.float32).sub_(127.5).div_(127.5)
+
+
+OUTPUTS = ("float", "uint8")
+
+
+class ImageTransform:
+    """Resize (when needed) -> albumentations augmentations -> tensor [3, S, S].
+
+    ``output="float"``: float32 normalised to [-1, 1]. ``output="uint8"``: uint8 in [0, 255], to be
+    normalised on the device with :func:`normalize_images` (cheaper to collate and ship between
+    processes; see ``evaluation/BENCHMARKS.md``).
+
+    The albumentations pipeline is re-seeded once in every process from ``torch.initial_seed()``:
+    DataLoader workers are forked with identical generator states, and without this every worker
+    would draw the same augmentations.
+    """
+
+    def __init__(self, augmentations: Sequence[Any] = (), image_size: Union[int, Tuple[int, int]] = 112,
+                 output: str = "float") -> None:
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.augmentations = list(augmentations)
+        self.pipeline = A.Compose(self.augmentations) if self.augmentations else None
+        self.output = output
+        self._to_tensor = to_normalized_tensor if output == "float" else to_uint8_tensor
+        self._seeded_pid = -1
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected a [H, W, 3] RGB numpy image, got "
+                             f"{type(image).__name__} {getattr(image, 'shape', '')}")
+        if image.shape[:2] != self.size:
+            shrink = image.shape[0] > self.size[0]
+            image = cv2.resize(image, (self.size[1], self.size[0]),
+                               interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        if self.pipeline is not None:
+            if self._seeded_pid != os.getpid() and hasattr(self.pipeline, "set_random_seed"):
+                self.pipeline.set_random_seed(torch.initial_seed() % 2**32)
+                self._seeded_pid = os.getpid()
+            image = self.pipeline(image=image)["image"]
+        return self._to_tensor(image)
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(t).__name__ for t in self.augmentations) or "none"
+        return f"ImageTransform(size={self.size}, augmentations=[{names}], output={self.output})"
+
+
+def build_albumentation(spec: Mapping[str, Any]) -> Any:
+    """Build one albumentations transform from ``{name: ClassName, **arguments}``.
+
+    A ``transforms`` argument holding a list of such mappings (``OneOf``, ``SomeOf``, ``Sequential``)
+    is built recursively. Unknown names raise ``ValueError``; unknown arguments ``TypeError``.
+    """
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(f"expected an augmentation mapping {{name: ClassName, ...}}, got {spec!r}")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    name = str(spec["name"])
+    if name in _APPENDED:
+        raise ValueError(f"augmentation '{name}': normalisation and tensor conversion are appended "
+                         f"automatically; remove it from the list")
+    cls = _EXTRA_TRANSFORMS.get(name) or getattr(A, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, (A.BasicTransform, A.BaseCompose)):
+        raise ValueError(f"unknown augmentation '{name}': not an albumentations transform (names are "
+                         f"case-sensitive class names; see {ALBUMENTATIONS_DOCS}) nor one of "
+                         f"{sorted(_EXTRA_TRANSFORMS)}")
+    if isinstance(kwargs.get("transforms"), (list, tuple)):
+        kwargs["transforms"] = [build_albumentation(t) for t in kwargs["transforms"]]
+    check_kwargs(cls, kwargs, f"augmentation '{name}'")
+    return cls(**kwargs)
+
+
+def build_transform(spec: AugmentationSpec = "standard", image_size: Union[int, Tuple[int, int]] = 112,
+                    output: str = "float") -> Callable[[np.ndarray], torch.Tensor]:
+    """Build the image transform: a preset name (see :func:`list_augmentations`) or a list of
+    ``{name: AlbumentationsClass, **arguments}`` mappings. Maps uint8 [H, W, 3] RGB to float32
+    [3, S, S] in [-1, 1]; normalisation and tensor conversion are always appended. With
+    ``output="uint8"`` it returns uint8 [3, S, S] and :func:`normalize_images` normalises later."""
+    if isinstance(spec, str):
+        augmentations = PRESETS.build(spec)
+    elif isinstance(spec, Sequence):
+        augmentations = [build_albumentation(item) for item in spec]
+    else:
+        raise TypeError(f"augmentation must be a preset name {PRESETS.names()} or a list of "
+                        f"{{name: ..., ...}} mappings, got {type(spec).__name__}")
+    return ImageTransform(augmentations, image_size=image_size, output=output)
+
+
+def list_augmentations() -> List[str]:
+    """Names of the augmentation presets."""
+    return PRESETS.names()
+

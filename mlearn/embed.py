@@ -1,0 +1,156 @@
+"""Embed a folder or list of images with any model ``mlearn.load_model`` reads: ``mlearn embed``.
+
+Outputs, for ``--output OUT.npy``: ``OUT.npy`` (float32 [N, D], L2-normalised rows), ``OUT.ids.txt``
+(one path per row, relative to the input folder / list folder, same order) and ``OUT.errors.txt``
+(``path<TAB>reason`` per unreadable input; empty when none). Unreadable images are skipped, not fatal.
+Imports no training code: with an ``.onnx`` model only numpy, OpenCV, onnxruntime and tqdm are loaded.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Deque, List, Optional, Tuple, Union
+
+import numpy as np
+
+from mlearn.inference import Embedder, load_model, resize_image
+
+PathLike = Union[str, Path]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass
+class EmbedResult:
+    """Embeddings [N, D] of the readable inputs, their ``ids`` (same order) and ``errors`` (path, reason)."""
+
+    embeddings: np.ndarray
+    ids: List[str]
+    errors: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def list_inputs(source: PathLike) -> Tuple[Path, List[str]]:
+    """``source``: a folder (every image below it, sorted) or a text file of image paths, one a line,
+    relative to the file's folder (absolute paths allowed; blank lines, ``#`` comments and anything
+    after a tab, e.g. a label, are ignored). Returns ``(root, relative ids)``."""
+    source = Path(source)
+    if source.is_dir():
+        ids = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
+                     if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not ids:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+        return source, ids
+    if not source.is_file():
+        raise FileNotFoundError(f"input not found: {source} (expected an image folder or a list file)")
+    ids = []
+    for line in source.read_text().splitlines():
+        entry = line.split("\t")[0].strip()
+        if entry and not entry.startswith("#"):
+            ids.append(entry)
+    if not ids:
+        raise ValueError(f"list file {source} names no images")
+    return source.parent, ids
+
+
+def read_image(path: PathLike, size: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Decode ``path`` as uint8 RGB [H, W, 3] (resized to ``size`` = [height, width] when given).
+
+    Raises ``ValueError`` for a missing, unreadable or corrupt file.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError("file not found")
+    data = np.fromfile(str(path), dtype=np.uint8)  # imdecode: works on non-ASCII paths too
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ValueError("cannot decode image")
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if size is not None:
+        image = resize_image(image, int(size[0]), int(size[1]))
+    return image
+
+
+def embed_images(model: Union[Embedder, PathLike], root: PathLike, ids: Sequence[str], batch_size: int = 64,
+                 workers: Optional[int] = None, progress: Optional[bool] = None) -> EmbedResult:
+    """Embed the images ``root / id`` in batches; unreadable ones go to ``errors``, not into the output.
+
+    ``model``: an :class:`~mlearn.inference.Embedder` or anything :func:`mlearn.load_model` reads.
+    ``workers``: decoding threads (default: up to 4). ``progress``: tqdm bar (default: on a terminal).
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+    embedder = model if isinstance(model, Embedder) else load_model(model)
+    if embedder.modality != "image":
+        raise NotImplementedError(
+            f"embedding {embedder.modality} files is not supported yet (the waveform -> fbank front-end is "
+            "not wired in); compute fbank features and call "
+            "mlearn.load_model(path).embed(features [N, T, F])")
+    root = Path(root)
+    size = embedder.spec["input_size"]
+    workers = workers or min(4, os.cpu_count() or 1)
+
+    def decode(rel: str) -> Tuple[str, Any]:
+        try:
+            return rel, read_image(root / rel, size)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file error, never fatal
+            return rel, exc
+
+    chunks: List[np.ndarray] = []
+    ids_out: List[str] = []
+    errors: List[Tuple[str, str]] = []
+    bar = tqdm(total=len(ids), unit="img", desc="embed", disable=None if progress is None else not progress)
+    id_batches = (list(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size))
+    with ThreadPoolExecutor(workers) as pool:
+        for batch in _prefetch(pool, decode, id_batches, depth=2):
+            good = [(rel, image) for rel, image in batch if isinstance(image, np.ndarray)]
+            errors += [(rel, f"{type(exc).__name__}: {exc}") for rel, exc in batch
+                       if not isinstance(exc, np.ndarray)]
+            if good:
+                chunks.append(embedder.embed(np.stack([image for _, image in good])).astype(np.float32))
+                ids_out += [rel for rel, _ in good]
+            bar.update(len(batch))
+    bar.close()
+    dim = embedder.embedding_size
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    return EmbedResult(embeddings=embeddings, ids=ids_out, errors=errors)
+
+
+def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_size: int = 64,
+                   workers: Optional[int] = None, progress: Optional[bool] = None,
+                   ) -> Tuple[EmbedResult, Path]:
+    """:func:`list_inputs` + :func:`embed_images`, written as ``OUT.npy``, ``OUT.ids.txt`` and
+    ``OUT.errors.txt``.
+
+    Returns the result and the ``.npy`` path (``.npy`` is appended to ``output`` when missing).
+    """
+    embedder = load_model(model)  # fail on a bad model before listing thousands of files
+    root, ids = list_inputs(source)
+    result = embed_images(embedder, root, ids, batch_size=batch_size, workers=workers, progress=progress)
+    output = Path(output)
+    if output.suffix != ".npy":
+        output = output.with_name(output.name + ".npy")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.save(output, result.embeddings)
+    stem = output.with_suffix("")
+    Path(f"{stem}.ids.txt").write_text("".join(f"{rel}\n" for rel in result.ids))
+    Path(f"{stem}.errors.txt").write_text("".join(f"{rel}\t{reason}\n" for rel, reason in result.errors))
+    return result, output
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[str], Any], batches: Iterator[List[str]],
+              depth: int) -> Iterator[List[Any]]:
+    """Decode ``depth`` batches ahead of the one being embedded (bounded memory, unlike ``pool.map``)."""
+    queue: Deque[List[Future]] = deque()
+    for batch in batches:
+        queue.append([pool.submit(fn, item) for item in batch])
+        if len(queue) > depth:
+            yield [future.result() for future in queue.popleft()]
+    while queue:
+        yield [future.result() for future in queue.popleft()]
