@@ -1,4 +1,4 @@
-"""The ``mlearn`` command: ``train``, ``eval``, ``export``.
+"""The ``mlearn`` command: ``train``, ``eval``, ``export``, ``embed``, ``data``.
 
 Bad input (missing file, unknown key or name) ends with one ``mlearn <cmd>: error: ...`` line and a
 non-zero exit status; set ``MLEARN_DEBUG=1`` to see the full traceback instead.
