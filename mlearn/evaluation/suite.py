@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import yaml
@@ -47,27 +47,32 @@ def _bin_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: 
         raise FileNotFoundError(f"{name}: {path} not found (see datasets/face_bins.md for where to get it)")
     flip = bool(protocol.get("flip", True))
     images, issame = read_bin(path)
-    rows = [_score(name, "model", _embed(model, images, batch_size, flip), issame, flip)]
+    embed = lambda batch: model.embed(batch, normalize=False)  # noqa: E731
+    rows = [verification_row(name, "model", bin_embeddings(embed, images, batch_size, flip), issame, flip)]
     for baseline in protocol.get("baselines", []):
         if baseline not in BASELINES:
             raise ValueError(f"{name}: baseline={baseline!r}; expected one of {list(BASELINES)}")
         pixels = (images.reshape(len(images), -1).astype(np.float32) - 127.5) / 127.5
-        rows.append(_score(name, "raw_pixels", pixels, issame, False))
+        rows.append(verification_row(name, "raw_pixels", pixels, issame, False))
     return rows
 
 
-def _embed(model: Any, images: np.ndarray, batch_size: int, flip: bool) -> np.ndarray:
+def bin_embeddings(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 128,
+                   flip: bool = True, progress: bool = True) -> np.ndarray:
+    """Raw embeddings [N, D] of uint8 [N, H, W, 3] images; with ``flip`` the embedding of the
+    horizontally flipped image is added before any normalisation (insightface's flip fusion)."""
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="embedding", unit="batch"):
+    for start in tqdm(range(0, len(images), batch_size), desc="embedding", unit="batch", disable=not progress):
         batch = images[start:start + batch_size]
-        emb = model.embed(batch, normalize=False)
+        emb = embed(batch)
         if flip:
-            emb = emb + model.embed(np.ascontiguousarray(batch[:, :, ::-1]), normalize=False)
+            emb = emb + embed(np.ascontiguousarray(batch[:, :, ::-1]))
         chunks.append(emb)
     return np.concatenate(chunks)
 
 
-def _score(name: str, method: str, emb: np.ndarray, issame: np.ndarray, flip: bool) -> Dict[str, Any]:
+def verification_row(name: str, method: str, emb: np.ndarray, issame: np.ndarray, flip: bool) -> Dict[str, Any]:
+    """10-fold accuracy and ROC metrics of pairs (emb[2i], emb[2i+1]) as one report row."""
     unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     verification = kfold_verification(unit[0::2], unit[1::2], issame)
     scores = (unit[0::2] * unit[1::2]).sum(1)
