@@ -85,3 +85,19 @@ def test_tar_at_far_nearest_point_with_ties_to_larger_tpr():
         assert tar == pytest.approx(tpr[distance == best].max())
         assert got["tar_at_far_strict"][far] == pytest.approx(tpr[fpr <= far].max() if (fpr <= far).any() else 0.0)
     assert 0.5 < got["auc"] <= 1.0
+
+
+def test_every_suite_file_parses_with_known_protocol_types():
+    from pathlib import Path
+
+    import yaml
+
+    from mlearn.evaluation.suite import PROTOCOL_TYPES
+
+    suites = sorted((Path(__file__).resolve().parents[1] / "evaluation").glob("*.yaml"))
+    assert suites
+    for path in suites:
+        config = yaml.safe_load(path.read_text())
+        assert config["protocols"], path
+        for protocol in config["protocols"]:
+            assert protocol["type"] in PROTOCOL_TYPES, (path, protocol)
