@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from mlearn.data.bins import read_bin
-from mlearn.evaluation.suite import bin_embeddings, verification_row
+from mlearn.evaluation.face_bins import bin_embeddings, verification_row
 from mlearn.inference import DEFAULT_IMAGE_SPEC, preprocess_images
 
 log = logging.getLogger(__name__)
