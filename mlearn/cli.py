@@ -107,22 +107,19 @@ def export(argv: List[str]) -> int:
 
 def embed(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="mlearn embed", description=(
-        "Embed images: writes OUT.npy (float32 [N, D], L2-normalised), OUT.ids.txt (one relative path "
+        "Embed images (wav files for speaker models): writes OUT.npy (float32 [N, D], L2-normalised), "
+        "OUT.ids.txt (one relative path "
         "per row) and OUT.errors.txt (unreadable inputs, skipped)."))
     parser.add_argument("--model", required=True, help=".onnx, TorchScript .pt, .safetensors, run dir or .ckpt")
-    parser.add_argument("--input", required=True, help="image folder (recursive) or list file of image paths")
+    parser.add_argument("--input", required=True, help="image (or wav) folder, recursive, or list file of paths")
     parser.add_argument("--output", required=True, help="OUT.npy")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: up to 4)")
     args = parser.parse_args(argv)
     from mlearn.embed import embed_to_files
 
-    try:
-        result, output = embed_to_files(args.model, args.input, args.output, batch_size=args.batch_size,
-                                        workers=args.workers)
-    except NotImplementedError as exc:
-        print(f"mlearn embed: error: {exc}", file=sys.stderr)
-        return 2
+    result, output = embed_to_files(args.model, args.input, args.output, batch_size=args.batch_size,
+                                    workers=args.workers)
     stem = output.with_suffix("")
     print(f"embedded {len(result.ids)} inputs -> {output} {tuple(result.embeddings.shape)}, ids in {stem}.ids.txt")
     print(f"{len(result.errors)} unreadable inputs" + (f" listed in {stem}.errors.txt" if result.errors else ""))

@@ -1,4 +1,5 @@
-"""Embed a folder or list of images with any model ``mlearn.load_model`` reads: ``mlearn embed``.
+"""Embed a folder or list of images (wav files for speaker models) with any model ``mlearn.load_model``
+reads: ``mlearn embed``.
 
 Outputs, for ``--output OUT.npy``: ``OUT.npy`` (float32 [N, D], L2-normalised rows), ``OUT.ids.txt``
 (one path per row, relative to the input folder / list folder, same order) and ``OUT.errors.txt``
@@ -17,10 +18,11 @@ from typing import Any, Deque, List, Optional, Tuple, Union
 
 import numpy as np
 
-from mlearn.inference import Embedder, load_model, resize_image
+from mlearn.inference import Embedder, l2_normalize, load_model, resize_image
 
 PathLike = Union[str, Path]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+AUDIO_EXTENSIONS = (".wav", ".flac")
 
 
 @dataclass
@@ -32,16 +34,17 @@ class EmbedResult:
     errors: List[Tuple[str, str]] = field(default_factory=list)
 
 
-def list_inputs(source: PathLike) -> Tuple[Path, List[str]]:
-    """``source``: a folder (every image below it, sorted) or a text file of image paths, one a line,
-    relative to the file's folder (absolute paths allowed; blank lines, ``#`` comments and anything
-    after a tab, e.g. a label, are ignored). Returns ``(root, relative ids)``."""
+def list_inputs(source: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[Path, List[str]]:
+    """``source``: a folder (every file with one of ``extensions`` below it, sorted) or a text file of
+    paths, one a line, relative to the file's folder (absolute paths allowed; blank lines, ``#``
+    comments and anything after a tab, e.g. a label, are ignored). Returns ``(root, relative ids)``."""
     source = Path(source)
     if source.is_dir():
         ids = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
-                     if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+                     if p.suffix.lower() in extensions and p.is_file())
         if not ids:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+            kind = "audio files" if extensions == AUDIO_EXTENSIONS else "images"
+            raise ValueError(f"no {kind} ({', '.join(extensions)}) found under {source}")
         return source, ids
     if not source.is_file():
         raise FileNotFoundError(f"input not found: {source} (expected an image folder or a list file)")
@@ -87,11 +90,8 @@ def embed_images(model: Union[Embedder, PathLike], root: PathLike, ids: Sequence
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
     embedder = model if isinstance(model, Embedder) else load_model(model)
-    if embedder.modality != "image":
-        raise NotImplementedError(
-            f"embedding {embedder.modality} files is not supported yet (the waveform -> fbank front-end is "
-            "not wired in); compute fbank features and call "
-            "mlearn.load_model(path).embed(features [N, T, F])")
+    if embedder.modality == "audio":
+        return embed_audio(embedder, root, ids, batch_size=batch_size, progress=progress)
     root = Path(root)
     size = embedder.spec["input_size"]
     workers = workers or min(4, os.cpu_count() or 1)
@@ -122,6 +122,21 @@ def embed_images(model: Union[Embedder, PathLike], root: PathLike, ids: Sequence
     return EmbedResult(embeddings=embeddings, ids=ids_out, errors=errors)
 
 
+def embed_audio(model: Embedder, root: PathLike, ids: Sequence[str], batch_size: int = 64,
+                progress: Optional[bool] = None) -> EmbedResult:
+    """Whole utterances ``root / id`` (16 kHz mono wav/flac) -> the recorded Kaldi fbank front-end ->
+    L2-normalised embeddings; unreadable files go to ``errors``."""
+    from mlearn.evaluation.speaker import embed_wavs
+
+    root = Path(root)
+    vectors, ok, failures = embed_wavs(model, [root / rel for rel in ids], batch_size=batch_size,
+                                       desc="embed", progress=progress is not False)
+    embeddings = l2_normalize(vectors["model"][ok]) if ok.any() else np.zeros((0, model.embedding_size), np.float32)
+    errors = [(rel, failures[str(root / rel)]) for rel, good in zip(ids, ok) if not good]
+    return EmbedResult(embeddings=embeddings.astype(np.float32), ids=[rel for rel, good in zip(ids, ok) if good],
+                       errors=errors)
+
+
 def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_size: int = 64,
                    workers: Optional[int] = None, progress: Optional[bool] = None,
                    ) -> Tuple[EmbedResult, Path]:
@@ -131,7 +146,7 @@ def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_si
     Returns the result and the ``.npy`` path (``.npy`` is appended to ``output`` when missing).
     """
     embedder = load_model(model)  # fail on a bad model before listing thousands of files
-    root, ids = list_inputs(source)
+    root, ids = list_inputs(source, AUDIO_EXTENSIONS if embedder.modality == "audio" else IMAGE_EXTENSIONS)
     result = embed_images(embedder, root, ids, batch_size=batch_size, workers=workers, progress=progress)
     output = Path(output)
     if output.suffix != ".npy":

@@ -119,12 +119,31 @@ def test_onnx_embed_imports_no_lightning(models, image_dir, tmp_path):
     assert np.load(tmp_path / "e.npy").shape == (4, 32)
 
 
-def test_audio_model_embed_is_a_clear_error(image_dir, tmp_path, capsys):
+def test_audio_model_embeds_wav_folder_with_corrupt_file(tmp_path, capsys):
+    import soundfile as sf
+
+    from mlearn.data.fbank import INPUT_SCALE, apply_cmn, kaldi_fbank
+
     run = make_run(tmp_path / "spk", ECAPA_TDNN, {"channels": 32, "mfa_channels": 48, "embedding_size": 16})
-    code = cli.main(["embed", "--model", str(run), "--input", str(image_dir),
-                     "--output", str(tmp_path / "e.npy")])
-    assert code == 2
-    assert "not supported yet" in capsys.readouterr().err.strip().splitlines()[-1]
+    rng = np.random.default_rng(0)
+    wavs = tmp_path / "wavs"
+    (wavs / "id1").mkdir(parents=True)
+    lengths = {"id1/a.wav": 8000, "id1/b.wav": 12000}
+    for rel, n in lengths.items():
+        sf.write(wavs / rel, rng.uniform(-0.3, 0.3, n).astype(np.float32), 16000)
+    (wavs / "id1" / "broken.wav").write_bytes(b"RIFF not a wav")
+    code = cli.main(["embed", "--model", str(run), "--input", str(wavs), "--output", str(tmp_path / "e.npy")])
+    assert code == 0, capsys.readouterr().err
+    emb = np.load(tmp_path / "e.npy")
+    ids = (tmp_path / "e.ids.txt").read_text().split()
+    assert ids == sorted(lengths) and emb.shape == (2, 16)
+    assert "id1/broken.wav" in (tmp_path / "e.errors.txt").read_text()
+    model = load_model(run)
+    for row, rel in zip(emb, ids):  # the recorded front-end: int16-range samples, fbank, CMN, embed
+        wave, _ = sf.read(wavs / rel, dtype="float32")
+        feats = apply_cmn(kaldi_fbank(torch.from_numpy(wave) * INPUT_SCALE))
+        assert feats.shape == (1 + (lengths[rel] - 400) // 160, 80)
+        np.testing.assert_allclose(row, model.embed(feats[None].numpy())[0], atol=1e-5)
 
 
 def test_embed_bad_arguments(models, tmp_path, capsys):

@@ -26,6 +26,11 @@ _EXPORTS = {
     "list_augmentations": "mlearn.data.transforms",
     "inspect_dataset": "mlearn.data.inspect",
     "convert_dataset": "mlearn.data.inspect",
+    "kaldi_fbank": "mlearn.data.fbank",
+    "apply_cmn": "mlearn.data.fbank",
+    "KaldiFbank": "mlearn.data.fbank",
+    "fbank_spec": "mlearn.data.fbank",
+    "fbank_from_spec": "mlearn.data.fbank",
 }
 
 

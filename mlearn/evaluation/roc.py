@@ -54,3 +54,55 @@ def min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_mi
     fnr, fpr, _ = _robust_sweep(np.asarray(scores, np.float64), np.asarray(labels).astype(int))
     cost = c_miss * fnr * p_target + c_fa * fpr * (1 - p_target)
     return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
+
+
+def _check_binary(scores: np.ndarray, labels: np.ndarray, what: str):
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).astype(int).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"{what}: scores {scores.shape} and labels {labels.shape} differ in length")
+    n_target = int((labels == 1).sum())
+    if n_target == 0 or n_target == len(labels) or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{what}: needs 0/1 labels with both targets and non-targets "
+                         f"(got {n_target} targets of {len(labels)})")
+    return scores, labels
+
+
+def eer_sklearn(scores: np.ndarray, labels: np.ndarray) -> float:
+    """EER variant 2 (voxceleb_trainer ``tuneThresholdfromScore``): on sklearn's ``roc_curve`` (distinct
+    thresholds, accept score >= t, ``drop_intermediate``), idx = nanargmin |FNR - FPR|,
+    EER = max(FPR[idx], FNR[idx]) with FNR = 1 - TPR.
+
+    >>> eer_sklearn(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    0.5
+    """
+    from sklearn.metrics import roc_curve
+
+    scores, labels = _check_binary(scores, labels, "eer_sklearn")
+    fpr, tpr, _ = roc_curve(labels, scores, pos_label=1)
+    fnr = 1.0 - tpr
+    idx = int(np.nanargmin(np.abs(fnr - fpr)))
+    return float(max(fpr[idx], fnr[idx]))
+
+
+def eer_speechbrain(scores: np.ndarray, labels: np.ndarray) -> float:
+    """EER variant 3 (speechbrain ``metric_stats.EER``): thresholds t = unique scores and the mid-points
+    between consecutive ones; FRR(t) = #targets <= t / n_t, FAR(t) = #non-targets > t / n_n; at the
+    first t minimising |FAR - FRR|, EER = (FAR + FRR) / 2.
+
+    >>> eer_speechbrain(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    0.5
+    """
+    scores, labels = _check_binary(scores, labels, "eer_speechbrain")
+    unique = np.unique(scores)
+    thresholds = np.sort(np.concatenate([unique, (unique[:-1] + unique[1:]) / 2]))
+    target = np.sort(scores[labels == 1])
+    non = np.sort(scores[labels == 0])
+    frr = np.searchsorted(target, thresholds, side="right") / len(target)
+    far = 1.0 - np.searchsorted(non, thresholds, side="right") / len(non)
+    idx = int(np.argmin(np.abs(far - frr)))
+    return float((far[idx] + frr[idx]) / 2)
+
+
+# EER variants by name (PROTOCOLS.md c.3): "nist" is the reference the reports print.
+EER_VARIANTS = {"nist": eer_nist, "sklearn": eer_sklearn, "speechbrain": eer_speechbrain}
