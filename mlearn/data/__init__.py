@@ -31,6 +31,9 @@ _EXPORTS = {
     "KaldiFbank": "mlearn.data.fbank",
     "fbank_spec": "mlearn.data.fbank",
     "fbank_from_spec": "mlearn.data.fbank",
+    "align_face": "mlearn.data.align",
+    "similarity_transform": "mlearn.data.align",
+    "ARCFACE_TEMPLATE": "mlearn.data.align",
 }
 
 

@@ -1,9 +1,39 @@
-"""Evaluation: plain metric functions over arrays, protocol runners and reports."""
+"""Evaluation: plain metric functions over arrays, protocol runners and reports.
+
+Names are imported lazily (``mlearn.evaluation.retrieval_metrics`` loads FAISS only when used).
+"""
 from __future__ import annotations
 
-from mlearn.evaluation.roc import EER_VARIANTS, eer_nist, eer_sklearn, eer_speechbrain, min_dcf, roc_metrics
-from mlearn.evaluation.speaker import as_norm, cosine_scores, read_trials, speaker_mean_cohort
-from mlearn.evaluation.verification import kfold_verification
+import importlib
+from typing import Any
 
-__all__ = ["EER_VARIANTS", "as_norm", "cosine_scores", "eer_nist", "eer_sklearn", "eer_speechbrain",
-           "kfold_verification", "min_dcf", "read_trials", "roc_metrics", "speaker_mean_cohort"]
+_EXPORTS = {
+    "kfold_verification": "mlearn.evaluation.verification",
+    "roc_metrics": "mlearn.evaluation.roc",
+    "eer_nist": "mlearn.evaluation.roc",
+    "eer_sklearn": "mlearn.evaluation.roc",
+    "eer_speechbrain": "mlearn.evaluation.roc",
+    "EER_VARIANTS": "mlearn.evaluation.roc",
+    "min_dcf": "mlearn.evaluation.roc",
+    "retrieval_metrics": "mlearn.evaluation.retrieval",
+    "read_trials": "mlearn.evaluation.speaker",
+    "cosine_scores": "mlearn.evaluation.speaker",
+    "as_norm": "mlearn.evaluation.speaker",
+    "speaker_mean_cohort": "mlearn.evaluation.speaker",
+    "load_ijb_meta": "mlearn.evaluation.ijb",
+    "template_features": "mlearn.evaluation.ijb",
+    "pair_scores": "mlearn.evaluation.ijb",
+    "score_ijb": "mlearn.evaluation.ijb",
+    "open_set_identification": "mlearn.evaluation.ijb",
+    "run_suite": "mlearn.evaluation.suite",
+    "VerificationCallback": "mlearn.evaluation.callback",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mlearn.evaluation' has no attribute '{name}'")
+
+
+__all__ = sorted(_EXPORTS)

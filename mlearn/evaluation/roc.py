@@ -10,50 +10,67 @@ DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 def roc_metrics(scores: np.ndarray, labels: np.ndarray, fars: Sequence[float] = DEFAULT_FARS) -> Dict[str, Any]:
     """TAR@FAR (nearest FPR on sklearn's default ROC, ties to the larger TPR), strict TAR@FAR
-    (max TPR with FPR <= target), EER (fraction), AUC and minDCF (p_target 0.01). Higher score =
-    more likely the same identity."""
+    (max TPR with FPR <= target, over every distinct threshold), EER (fraction), AUC and minDCF
+    (p_target 0.01). Higher score = more likely the same identity."""
     from sklearn.metrics import auc, roc_curve
 
     scores = np.asarray(scores, np.float64)
     labels = np.asarray(labels).astype(int)
     fpr, tpr, _ = roc_curve(labels, scores)
     rev_fpr, rev_tpr = fpr[::-1], tpr[::-1]
+    sweep = _Sweep(scores, labels)  # one sort shared by the strict TAR, the EER and minDCF
+    full_fpr, full_tpr = sweep.roc_at_distinct_thresholds()
     tar = {}
     strict = {}
     for far in fars:
         tar[far] = float(rev_tpr[int(np.argmin(np.abs(rev_fpr - far)))])
-        ok = fpr <= far
-        strict[far] = float(tpr[ok].max()) if ok.any() else 0.0
-    return {"tar_at_far": tar, "tar_at_far_strict": strict, "eer": eer_nist(scores, labels),
-            "auc": float(auc(fpr, tpr)), "min_dcf": min_dcf(scores, labels, p_target=0.01)}
+        # not on sklearn's curve: drop_intermediate can drop the last point with FPR <= far
+        ok = full_fpr <= far
+        strict[far] = float(full_tpr[ok].max()) if ok.any() else 0.0
+    return {"tar_at_far": tar, "tar_at_far_strict": strict, "eer": sweep.eer_nist(),
+            "auc": float(auc(fpr, tpr)), "min_dcf": sweep.min_dcf(p_target=0.01)}
 
 
-def _robust_sweep(scores: np.ndarray, labels: np.ndarray):
-    order = np.argsort(scores, kind="mergesort")
-    sorted_labels = labels[order]
-    n_target = sorted_labels.sum()
-    n_non = len(labels) - n_target
-    fnr = np.concatenate([[0.0], np.cumsum(sorted_labels) / n_target])
-    fpr = np.concatenate([[1.0], 1.0 - np.cumsum(1 - sorted_labels) / n_non])
-    return fnr, fpr, scores[order]
+class _Sweep:
+    """The Kaldi/NIST robust sweep (PROTOCOLS.md c.2): scores sorted ascending (stable), threshold at
+    each sorted score. FNR_i = targets among the i lowest / n_t, FPR_i = 1 - non-targets among them / n_n."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        order = np.argsort(scores, kind="mergesort")
+        self.scores = scores[order]
+        sorted_labels = labels[order]
+        n_target = sorted_labels.sum()
+        n_non = len(labels) - n_target
+        self.fnr = np.concatenate([[0.0], np.cumsum(sorted_labels) / n_target])
+        self.fpr = np.concatenate([[1.0], 1.0 - np.cumsum(1 - sorted_labels) / n_non])
+
+    def roc_at_distinct_thresholds(self):
+        """(FPR, TPR) accepting score >= t for every distinct score t (sklearn's drop_intermediate=False)."""
+        first_of_run = np.flatnonzero(np.r_[True, self.scores[1:] != self.scores[:-1]])
+        return self.fpr[first_of_run], 1.0 - self.fnr[first_of_run]
+
+    def eer_nist(self) -> float:
+        fnr, fpr = self.fnr, self.fpr
+        diff = fnr - fpr
+        x1 = int(np.flatnonzero(diff >= 0)[0])
+        x2 = int(np.flatnonzero(diff < 0)[-1])
+        a = (fnr[x1] - fpr[x1]) / (fpr[x2] - fpr[x1] - (fnr[x2] - fnr[x1]))
+        return float(fnr[x1] + a * (fnr[x2] - fnr[x1]))
+
+    def min_dcf(self, p_target: float, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+        cost = c_miss * self.fnr * p_target + c_fa * self.fpr * (1 - p_target)
+        return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
 
 
 def eer_nist(scores: np.ndarray, labels: np.ndarray) -> float:
     """EER by linear interpolation between the sweep points bracketing FNR = FPR (WeSpeaker)."""
-    fnr, fpr, _ = _robust_sweep(np.asarray(scores, np.float64), np.asarray(labels).astype(int))
-    diff = fnr - fpr
-    x1 = int(np.flatnonzero(diff >= 0)[0])
-    x2 = int(np.flatnonzero(diff < 0)[-1])
-    a = (fnr[x1] - fpr[x1]) / (fpr[x2] - fpr[x1] - (fnr[x2] - fnr[x1]))
-    return float(fnr[x1] + a * (fnr[x2] - fnr[x1]))
+    return _Sweep(np.asarray(scores, np.float64), np.asarray(labels).astype(int)).eer_nist()
 
 
 def min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_miss: float = 1.0,
             c_fa: float = 1.0) -> float:
     """min over the sweep of C_miss·P_miss·p + C_fa·P_fa·(1-p), normalised by min(C_miss·p, C_fa·(1-p))."""
-    fnr, fpr, _ = _robust_sweep(np.asarray(scores, np.float64), np.asarray(labels).astype(int))
-    cost = c_miss * fnr * p_target + c_fa * fpr * (1 - p_target)
-    return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
+    return _Sweep(np.asarray(scores, np.float64), np.asarray(labels).astype(int)).min_dcf(p_target, c_miss, c_fa)
 
 
 def _check_binary(scores: np.ndarray, labels: np.ndarray, what: str):
