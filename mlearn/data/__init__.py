@@ -1,4 +1,4 @@
-"""Datasets (RecordIO, image folders, lists, .bin pairs, synthetic), transforms and data modules.
+"""Datasets (RecordIO, image folders, lists, .bin pairs, audio, synthetic), transforms, fbank and data modules.
 
 Names are imported lazily so that ``import mlearn.data.bins`` stays light.
 """
@@ -34,6 +34,21 @@ _EXPORTS = {
     "align_face": "mlearn.data.align",
     "similarity_transform": "mlearn.data.align",
     "ARCFACE_TEMPLATE": "mlearn.data.align",
+    "SpeakerDataModule": "mlearn.data.speaker_datamodule",
+    "SpeakerAudioDataset": "mlearn.data.audio",
+    "open_audio_dataset": "mlearn.data.audio",
+    "read_kaldi_lists": "mlearn.data.audio",
+    "scan_speaker_folder": "mlearn.data.audio",
+    "read_audio": "mlearn.data.audio",
+    "crop_or_pad": "mlearn.data.audio",
+    "NoiseSource": "mlearn.data.audio_augment",
+    "RirSource": "mlearn.data.audio_augment",
+    "ReverbOrNoise": "mlearn.data.audio_augment",
+    "build_augmentation": "mlearn.data.audio_augment",
+    "add_noise": "mlearn.data.audio_augment",
+    "reverberate": "mlearn.data.audio_augment",
+    "speed_perturb": "mlearn.data.audio_augment",
+    "make_speaker_dataset": "mlearn.data.synthetic_speech",
 }
 
 
