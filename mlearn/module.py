@@ -3,21 +3,26 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 import torch
 import torch.distributed as dist
+from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
+from mlearn.data.transforms import normalize_images
 from mlearn.heads import Margin, PartialFC
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+ScheduleName = Literal["poly", "cosine", "constant", "exponential", "step"]
+_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -38,6 +43,79 @@ class HeadConfig:
     straight_through: bool = False
 
 
+# ------------------------------------------------------------------------------ learning-rate schedule
+
+
+@dataclass
+class Schedule:
+    """Learning-rate factor of optimizer step ``t`` (0-based): ``warmup(t) * decay(t)``.
+
+    ``warmup(t) = min((t + 1) / warmup_steps, 1)`` (1 without warmup); ``decay`` is the registered
+    function named ``kind`` (see :data:`DECAYS`).
+
+    >>> s = Schedule("poly", total_steps=10, warmup_steps=2)
+    >>> [round(s(t), 3) for t in (0, 1, 2, 6, 9)]
+    [0.5, 1.0, 1.0, 0.25, 0.016]
+    """
+
+    kind: str
+    total_steps: int
+    warmup_steps: int = 0
+    steps_per_epoch: int = 1
+    poly_power: float = 2.0
+    final_lr_ratio: float = 1.0e-3
+    milestones: Sequence[float] = ()
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in DECAYS:
+            raise KeyError(f"unknown learning-rate schedule '{self.kind}'; known: {sorted(DECAYS)}")
+        if self.total_steps < 1 or self.warmup_steps < 0 or self.steps_per_epoch < 1:
+            raise ValueError(f"schedule steps: total={self.total_steps}, warmup={self.warmup_steps}, "
+                             f"per epoch={self.steps_per_epoch}: expected positive counts (warmup >= 0)")
+        self.milestones = [float(m) for m in self.milestones]
+
+    def progress(self, step: int) -> float:
+        """Fraction of the post-warmup steps done before ``step``, in [0, 1]."""
+        span = max(self.total_steps - self.warmup_steps, 1)
+        return min(max(step - self.warmup_steps, 0) / span, 1.0)
+
+    def __call__(self, step: int) -> float:
+        warm = min((step + 1) / self.warmup_steps, 1.0) if self.warmup_steps > 0 else 1.0
+        return warm * DECAYS[self.kind](self, step)
+
+
+def _poly(s: Schedule, step: int) -> float:
+    return (1.0 - s.progress(step)) ** s.poly_power
+
+
+def _cosine(s: Schedule, step: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * s.progress(step)))
+
+
+def _constant(s: Schedule, step: int) -> float:
+    return 1.0
+
+
+def _exponential(s: Schedule, step: int) -> float:
+    if not 0.0 < s.final_lr_ratio:
+        raise ValueError(f"final_lr_ratio={s.final_lr_ratio}: expected a positive ratio")
+    return s.final_lr_ratio ** (min(step, s.total_steps) / s.total_steps)
+
+
+def _step(s: Schedule, step: int) -> float:
+    epoch = step // s.steps_per_epoch
+    return s.gamma ** sum(1 for m in s.milestones if epoch >= m)
+
+
+DECAYS: Dict[str, Callable[[Schedule, int], float]] = {
+    "poly": _poly, "cosine": _cosine, "constant": _constant, "exponential": _exponential, "step": _step,
+}
+
+
+# ------------------------------------------------------------------------------------------ module
+
+
 class EmbeddingModule(pl.LightningModule):
     """Train ``backbone`` so that its embeddings separate identities under a margin head.
 
@@ -49,6 +127,37 @@ class EmbeddingModule(pl.LightningModule):
     own samples, so the exact backbone gradient is the SUM of the per-rank gradients. DDP averages;
     :meth:`on_fit_start` installs a communication hook that sums instead (see ``_allreduce_sum``).
     The sharded class centers are excluded from DDP (each rank owns a different block).
+
+    Learning rate: the optimizer's lr times a per-step factor, a linear warmup over
+    ``warmup_epochs`` then ``schedule`` (:class:`Schedule`):
+
+    - ``poly``: ``(1 - p)^poly_power``, ``p`` the progress after warmup (arcface_torch's PolyScheduler);
+    - ``cosine``: ``(1 + cos(pi p)) / 2``;
+    - ``constant``: 1;
+    - ``exponential``: ``final_lr_ratio^(t / T)`` over the whole run (t: step, T: total steps), so
+      from the optimizer's lr to ``lr * final_lr_ratio`` at the last step, times the warmup ramp
+      during warmup (WeSpeaker's ``ExponentialDecrease``; its VoxCeleb recipes go 0.1 -> 5e-5,
+      ``final_lr_ratio: 5.0e-4``, over 150 epochs with 6 warmup epochs);
+    - ``step``: ``lr_gamma^k`` once ``k`` of ``lr_milestones`` are reached; a milestone ``m`` counts
+      from the first step of 0-based epoch ``m`` (``MultiStepLR(milestones)`` stepped every epoch).
+
+    Resume: checkpoints also hold every rank's random-number state, restored at train start when the
+    rank count matches, and (through the data module) the sample position, so ``--ckpt_path``
+    continues a run as if it had not stopped. The schedule is recomputed from the current config, so a
+    run resumed with a larger ``max_epochs`` decays towards the new end.
+
+    Args:
+        backbone: input [B, ...] -> embeddings [B, D]; must expose ``embedding_size``.
+        head: margin and Partial FC settings.
+        num_classes: C (linked from the data module by the CLI).
+        optimizer: a callable ``params -> Optimizer`` (the config's ``class_path`` + ``init_args``).
+        head_weight_decay: weight decay of the class centers (``None``: the optimizer's).
+        norm_weight_decay: weight decay of the backbone's BatchNorm/LayerNorm/GroupNorm parameters
+            (``None``: the optimizer's; AdaFace uses 0).
+        schedule, poly_power, warmup_epochs, final_lr_ratio, lr_milestones, lr_gamma: see above;
+            ``warmup_epochs`` may be fractional.
+        clip_backbone_grad_norm: before every optimizer step, clip the backbone's gradients to this
+            global L2 norm (arcface_torch and ElasticFace: 5); the class centers are not clipped.
     """
 
     def __init__(
@@ -58,25 +167,46 @@ class EmbeddingModule(pl.LightningModule):
         num_classes: int = 0,
         optimizer: OptimizerFactory = default_optimizer,
         head_weight_decay: Optional[float] = None,
-        schedule: Literal["poly", "cosine", "constant"] = "poly",
+        norm_weight_decay: Optional[float] = None,
+        schedule: ScheduleName = "poly",
         poly_power: float = 2.0,
         warmup_epochs: float = 0.0,
+        final_lr_ratio: float = 1.0e-3,
+        lr_milestones: Optional[List[float]] = None,
+        lr_gamma: float = 0.1,
+        clip_backbone_grad_norm: Optional[float] = None,
     ) -> None:
         super().__init__()
         # From LightningCLI the hparams are the config (class_path + init_args), which rebuilds the
         # backbone on load; from Python the backbone instance is saved in the state dict only.
         self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["backbone"])
+        if schedule not in DECAYS:
+            raise KeyError(f"unknown learning-rate schedule '{schedule}'; known: {sorted(DECAYS)}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={warmup_epochs}: expected >= 0")
+        if schedule == "exponential" and final_lr_ratio <= 0:
+            raise ValueError(f"final_lr_ratio={final_lr_ratio}: expected a positive ratio")
+        if schedule == "step" and not lr_milestones:
+            raise ValueError("schedule 'step' needs lr_milestones (epochs), e.g. [12, 20, 24]")
+        if clip_backbone_grad_norm is not None and clip_backbone_grad_norm <= 0:
+            raise ValueError(f"clip_backbone_grad_norm={clip_backbone_grad_norm}: expected a positive norm")
         self.backbone = backbone
         self.head_config = head
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.head_weight_decay = head_weight_decay
+        self.norm_weight_decay = norm_weight_decay
         self.schedule = schedule
         self.poly_power = poly_power
         self.warmup_epochs = warmup_epochs
+        self.final_lr_ratio = final_lr_ratio
+        self.lr_milestones = list(lr_milestones or [])
+        self.lr_gamma = lr_gamma
+        self.clip_backbone_grad_norm = clip_backbone_grad_norm
         self.head: Optional[PartialFC] = None
         self._corrupt_in_epoch = 0
         self._tic: Optional[float] = None
+        self._rng_to_restore: Optional[Dict[str, Any]] = None
 
     @property
     def embedding_size(self) -> int:
@@ -107,8 +237,10 @@ class EmbeddingModule(pl.LightningModule):
             log.warning("step %d: batch skipped, all %d samples corrupt", self.global_step, num_corrupt)
             return None
         assert self.head is not None
-        loss = self.head(self.backbone(images), labels)
+        loss = self.head(self.backbone(normalize_images(images)), labels)
         self.log("train/loss", loss, prog_bar=True)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]))
         self._log_throughput(images.shape[0])
         return loss
 
@@ -139,22 +271,51 @@ class EmbeddingModule(pl.LightningModule):
                                  "remove strategy.ddp_comm_hook")
             wrapped.register_comm_hook(state=None, hook=_allreduce_sum)
 
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore, self.device)
+            self._rng_to_restore = None
+        self._tic = None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # runs after AMP's unscale and after DDP's all-reduce: the clip sees the true global gradient
+        if self.clip_backbone_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.clip_backbone_grad_norm)
+
     def _param_groups(self) -> List[Dict[str, Any]]:
         assert self.head is not None
+        norm_ids = set()
+        if self.norm_weight_decay is not None:
+            norm_ids = {id(p) for m in self.backbone.modules() if isinstance(m, _NORM_LAYERS)
+                        for p in m.parameters(recurse=False)}
+        backbone = [p for p in self.backbone.parameters() if id(p) not in norm_ids]
+        groups: List[Dict[str, Any]] = [{"params": backbone}]
+        if norm_ids:
+            groups.append({"params": [p for p in self.backbone.parameters() if id(p) in norm_ids],
+                           "weight_decay": self.norm_weight_decay})
         head_group: Dict[str, Any] = {"params": list(self.head.parameters())}
         if self.head_weight_decay is not None:
             head_group["weight_decay"] = self.head_weight_decay
-        return [{"params": list(self.backbone.parameters())}, head_group]
+        return groups + [head_group]
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # The centers are saved gathered (PartialFC's state_dict); so is their optimizer state
         # (momentum), so that a run resumes on any number of ranks with each rank's own rows.
         self._map_sharded_optimizer_state(checkpoint, lambda head, rows: head.gather_rows(rows))
+        checkpoint["rng_states"] = _gather_rng_states(self.device)  # collective: every rank saves
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self._map_sharded_optimizer_state(checkpoint, lambda head, rows: head.local_rows(rows))
+        states = checkpoint.get("rng_states")
+        rank, world = _rank_and_world()
+        if states and len(states) == world:
+            self._rng_to_restore = states[rank]
+        elif states:
+            log.warning("checkpoint saved on %d ranks, resuming on %d: random streams (Partial FC sampling, "
+                        "dropout) restart from this run's seed", len(states), world)
 
-    def _map_sharded_optimizer_state(self, checkpoint: Dict[str, Any], fn: Callable[[Any, torch.Tensor], Any]) -> None:
+    def _map_sharded_optimizer_state(self, checkpoint: Dict[str, Any],
+                                     fn: Callable[[Any, torch.Tensor], Any]) -> None:
         if self.head is None:
             return
         flat = [p for group in self._param_groups() for p in group["params"]]
@@ -162,18 +323,42 @@ class EmbeddingModule(pl.LightningModule):
         indices = [i for i, p in enumerate(flat) if id(p) in sharded]
         for optimizer_state in checkpoint.get("optimizer_states", []):
             for index in indices:
-                state = optimizer_state["state"].get(index, {})
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.dim() > 0:  # per-row state, not the step count
-                        state[key] = fn(self.head, value)
+                state = optimizer_state["state"].get(index)
+                if state is None:
+                    continue
+                # a new dict: Optimizer.state_dict() shares the per-parameter dicts with the live optimizer
+                optimizer_state["state"][index] = {
+                    key: fn(self.head, value) if torch.is_tensor(value) and value.dim() > 0 else value
+                    for key, value in state.items()  # per-row tensors, not the step count
+                }
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch of the attached trainer (after its train dataloader is set up)."""
+        trainer = self.trainer
+        if trainer.num_training_batches == float("inf"):
+            # with max_steps, estimated_stepping_batches does not load the data: load it (idempotent;
+            # what estimated_stepping_batches does with max_epochs)
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:  # an iterable without length
+            return max(int(trainer.estimated_stepping_batches), 1)
+        return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+
+    def build_schedule(self, total_steps: int, steps_per_epoch: int) -> Schedule:
+        """The per-step lr factor for a run of ``total_steps`` optimizer steps."""
+        return Schedule(self.schedule, total_steps=max(int(total_steps), 1),
+                        warmup_steps=int(self.warmup_epochs * steps_per_epoch),
+                        steps_per_epoch=steps_per_epoch,
+                        poly_power=self.poly_power, final_lr_ratio=self.final_lr_ratio,
+                        milestones=self.lr_milestones, gamma=self.lr_gamma)
 
     def configure_optimizers(self) -> Dict[str, Any]:
         optimizer = self.optimizer_factory(self._param_groups())
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        warmup = int(self.warmup_epochs * total / epochs)
-        lr_lambda = _schedule(self.schedule, total, warmup, self.poly_power)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)  # also sets up the train dataloader
+        schedule = self.build_schedule(total, self.steps_per_epoch())
+        # a plain function, whose fields LambdaLR does not save: on resume the schedule is rebuilt from the
+        # current config (same config, same schedule) and only the step count comes from the checkpoint
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -185,20 +370,43 @@ def _unpack(batch: Any) -> tuple:
     return images, labels, 0
 
 
-def _schedule(kind: str, total: int, warmup: int, power: float) -> Callable[[int], float]:
-    """Per-step learning-rate factor: linear warmup, then poly (arcface_torch) / cosine / constant."""
+def _rank_and_world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        if kind == "poly":
-            return (1.0 - progress) ** power
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
 
-    return factor
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    """This process's random-number state, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": numpy_state}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather_rng_states(device: torch.device) -> List[Dict[str, Any]]:
+    """Every rank's random-number state, in rank order (a collective call when distributed)."""
+    state = _rng_state(device)
+    _, world = _rank_and_world()
+    if world == 1:
+        return [state]
+    states: List[Any] = [None] * world
+    dist.all_gather_object(states, state)
+    return states
 
 
 def _allreduce_sum(state, bucket):  # type: ignore[no-untyped-def]

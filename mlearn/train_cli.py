@@ -1,11 +1,19 @@
 """``mlearn train``: LightningCLI over :class:`EmbeddingModule` and a data module; YAML maps 1:1 onto
-constructor arguments, dotted flags override it (``--model.head.margin.m 0.4``)."""
+constructor arguments, dotted flags override it (``--model.head.margin.m 0.4``).
+
+Besides ``model``, ``data`` and ``trainer``, a config has ``run_dir`` (checkpoints, logs, config copy),
+``ckpt_path`` (resume; ``last`` = ``<run_dir>/checkpoints/last.ckpt``), ``checkpoint`` (the arguments of
+the run's :class:`~pytorch_lightning.callbacks.ModelCheckpoint`: ``every_n_train_steps``, ``monitor``,
+``mode``, ``save_top_k``; ``last.ckpt`` is kept and overwritten) and ``dry_run`` (build everything,
+print a summary, do not train).
+"""
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from jsonargparse import ArgumentError
 from pytorch_lightning import LightningDataModule, Trainer
@@ -16,15 +24,27 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from mlearn.module import EmbeddingModule
 
 
+def _checkpoint_dir(run_dir: str) -> str:
+    return str(Path(run_dir) / "checkpoints")
+
+
 class MLearnCLI(LightningCLI):
-    """Adds ``--run_dir`` (checkpoints, logs and the config copy go there) and ``--ckpt_path``."""
+    """Adds ``--run_dir``, ``--ckpt_path``, ``--dry_run`` and the ``checkpoint`` group (a ModelCheckpoint)."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--run_dir", type=str, default="runs/train",
-                            help="output folder: checkpoints/, CSV + TensorBoard logs, config.yaml, label_map.json")
+                            help="output folder: checkpoints/, CSV + TensorBoard logs, config.yaml, "
+                                 "label_map.json")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="resume from this checkpoint ('last' = <run_dir>/checkpoints/last.ckpt)")
+        parser.add_argument("--dry_run", type=bool, default=False,
+                            help="build the model, data and trainer, print a summary and exit without "
+                                 "training")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # the run dir owns its checkpoints: overwrite (no last-v1.ckpt), so that --ckpt_path last is the newest
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
         parser.link_arguments("run_dir", "trainer.default_root_dir")
+        parser.link_arguments("run_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -41,18 +61,32 @@ class MLearnCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = [CSVLogger(run_dir, name="", version=""),
                                 TensorBoardLogger(run_dir, name="", version="")]
-        callbacks = list(trainer_config.get("callbacks") or [])
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
-        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 
 def run_training(argv: List[str]) -> int:
-    """Parse ``argv`` (LightningCLI syntax), train, and report where the run went."""
+    """Parse ``argv`` (LightningCLI syntax), train (or, with ``--dry_run true``, summarise), and report
+    where the run went."""
+    cli = build_cli(argv)
+    if cli.config.get("dry_run"):
+        print(describe_run(cli.model, cli.datamodule, cli.trainer))
+        return 0
+    ckpt_path = cli.config.get("ckpt_path")
+    run_dir = Path(cli.config.get("run_dir"))
+    if ckpt_path == "last":
+        ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    print(f"run dir: {run_dir} (checkpoints/last.ckpt, metrics.csv, config.yaml)")
+    return 0
+
+
+def build_cli(argv: List[str]) -> MLearnCLI:
+    """Parse ``argv`` and instantiate the model, data module and trainer (nothing is trained)."""
     program, sys.argv[1:] = sys.argv[1:], []  # LightningCLI warns when sys.argv and args both hold options
     try:
-        cli = MLearnCLI(
+        return MLearnCLI(
             EmbeddingModule,
             LightningDataModule,
             subclass_mode_data=True,
@@ -64,15 +98,67 @@ def run_training(argv: List[str]) -> int:
         )
     finally:
         sys.argv[1:] = program
-    ckpt_path = cli.config.get("ckpt_path")
-    run_dir = Path(cli.config.get("run_dir"))
-    if ckpt_path == "last":
-        ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint")
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    print(f"run dir: {run_dir} (checkpoints/last.ckpt, metrics.csv, config.yaml)")
-    return 0
+
+
+def plan_steps(trainer: Trainer, num_samples: int, batch_size: int) -> Dict[str, int]:
+    """Steps the trainer will run on ``num_samples`` images at ``batch_size`` per process, as the
+    training loop counts them: ``{world_size, global_batch, steps_per_epoch, total_steps}``."""
+    world = max(int(trainer.world_size), 1)
+    batches = num_samples // (batch_size * world)
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif limit is not None:
+        batches = int(batches * float(limit))
+    per_epoch = max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+    epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+    by_epochs = per_epoch * epochs if epochs is not None else None
+    max_steps = trainer.max_steps if trainer.max_steps not in (None, -1) else None
+    totals = [t for t in (by_epochs, max_steps) if t is not None]
+    total = min(totals) if totals else per_epoch * 1000  # Lightning's default max_epochs
+    return {"world_size": world, "global_batch": batch_size * world, "steps_per_epoch": per_epoch,
+            "total_steps": int(total)}
+
+
+def describe_run(model: EmbeddingModule, datamodule: Any, trainer: Trainer) -> str:
+    """A few lines describing what training would do: backbone size, head, data, batch, steps, lr."""
+    backbone = model.backbone
+    params = sum(p.numel() for p in backbone.parameters())
+    cfg = model.head_config
+    lines = [f"backbone      {type(backbone).__name__}: {params / 1e6:.2f} M parameters, embedding "
+             + str(model.embedding_size),
+             f"head          {cfg.margin!r}, sample_rate {cfg.sample_rate}, {model.num_classes} classes"]
+    dataset = getattr(datamodule, "dataset", None)
+    batch_size = int(getattr(datamodule, "batch_size", 0) or 0)
+    optimizer = model.optimizer_factory([{"params": list(backbone.parameters())}])
+    base_lr = float(optimizer.param_groups[0]["lr"])
+    clip = model.clip_backbone_grad_norm
+    lines.append(f"optimizer     {type(optimizer).__name__}({_group_settings(optimizer)})"
+                 + (f", backbone gradient norm clipped at {clip}" if clip else ""))
+    lines.append(f"precision     {trainer.precision}, {trainer.num_devices} device(s) x {trainer.num_nodes} "
+                 f"node(s) ({type(trainer.strategy).__name__})")
+    if dataset is not None and batch_size > 0:
+        plan = plan_steps(trainer, len(dataset), batch_size)
+        schedule = model.build_schedule(plan["total_steps"], plan["steps_per_epoch"])
+        source = getattr(datamodule, "train_path", "?")
+        lines.append(f"data          {len(dataset)} images from {source}; batch {batch_size} per process, "
+                     f"{plan['global_batch']} global; {plan['steps_per_epoch']} steps per epoch, "
+                     f"{plan['total_steps']} steps in all")
+        if len(dataset) < plan["global_batch"]:
+            lines.append("warning       fewer images than one global batch: training would stop with an "
+                         "error")
+        total = plan["total_steps"]
+        marks = sorted({0, schedule.warmup_steps, total // 4, total // 2, 3 * total // 4, total - 1})
+        lrs = ", ".join(f"{t}: {base_lr * schedule(t):.3g}" for t in marks if 0 <= t < total)
+        lines.append(f"schedule      {model.schedule}, warmup {schedule.warmup_steps} steps; "
+                     f"lr at step {lrs}")
+    return "\n".join(lines)
+
+
+def _group_settings(optimizer: Any) -> str:
+    group = optimizer.param_groups[0]
+    keys = [k for k in ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov") if k in group]
+    return ", ".join(f"{k}={group[k]}" for k in keys)
 
 
 def describe_parse_error(parser: Any, message: str) -> str:

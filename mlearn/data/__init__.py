@@ -49,6 +49,9 @@ _EXPORTS = {
     "reverberate": "mlearn.data.audio_augment",
     "speed_perturb": "mlearn.data.audio_augment",
     "make_speaker_dataset": "mlearn.data.synthetic_speech",
+    "EpochPermutationSampler": "mlearn.data.samplers",
+    "EpochSeededDataset": "mlearn.data.samplers",
+    "sample_generators": "mlearn.data.samplers",
 }
 
 

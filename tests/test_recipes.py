@@ -1,0 +1,264 @@
+"""Face recipes: every config under configs/face parses and builds (model, data, trainer) through the CLI;
+the recipes hold the official hyperparameters they cite; the learning-rate schedules they use give the
+right values; and one recipe trains end to end on a generated RecordIO set (slow)."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Dict, List
+
+import cv2
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlearn.data.bins import write_bin
+from mlearn.data.recordio import RecordIOWriter
+from mlearn.module import DECAYS, EmbeddingModule, HeadConfig, Schedule, ScheduleName
+from mlearn.train_cli import build_cli, describe_run, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+FACE = ROOT / "configs" / "face"
+RECIPES = sorted(p.stem for p in FACE.glob("*.yaml") if p.stem != "quickstart")
+SOURCES = ("deepinsight/insightface", "mk-minchul/AdaFace", "fdbtrs/ElasticFace")
+
+# The values each recipe must hold, from the files its header cites (see the YAML comments):
+# margin, backbone layers, embedding, sample rate, lr, weight decay, per-GPU batch x GPUs, epochs, warmup,
+# schedule (+ milestones), precision, backbone grad-norm clip.
+R50, R100 = [3, 4, 14, 3], [3, 13, 30, 3]
+ARC, COS = ("ArcFace", {"s": 64.0, "m": 0.5}), ("CosFace", {"s": 64.0, "m": 0.4})
+
+
+ELASTIC = ("ElasticArcFace", {"s": 64.0, "m": 0.5, "std": 0.05})
+ADAFACE = ("AdaFace", {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01})
+
+
+def official(margin: tuple, layers: List[int], lr: float, batch: int, epochs: int,
+             **kw: Any) -> Dict[str, Any]:
+    defaults = dict(sample_rate=1.0, wd=5e-4, gpus=8, warmup=0, schedule="poly", precision="16-mixed",
+                    clip=5.0)
+    return dict(defaults, margin=margin, layers=layers, lr=lr, batch=batch, epochs=epochs, **kw)
+
+
+OFFICIAL: Dict[str, Dict[str, Any]] = {
+    "ms1mv3_r50_arcface": official(ARC, R50, lr=0.2, batch=128, epochs=25, warmup=2),
+    "ms1mv3_r100_arcface": official(ARC, R100, lr=0.2, batch=128, epochs=25),
+    "glint360k_r100_pfc0.1": official(COS, R100, lr=0.1, batch=128, epochs=20, sample_rate=0.1, wd=1e-4),
+    "ms1mv2_r100_cosface": official(COS, R100, lr=0.1, batch=128, epochs=20),
+    "ms1mv2_r100_elasticface_arc": official(ELASTIC, R100, lr=0.1, batch=128, epochs=26, gpus=4,
+                                            schedule="step", milestones=[7, 13, 19, 24], precision=32),
+    "webface4m_r50_adaface": official(ADAFACE, R50, lr=0.1, batch=64, epochs=26, gpus=4, schedule="step",
+                                      milestones=[12, 20, 24], clip=None),
+    "casia_r50_arcface": official(ARC, R50, lr=0.1, batch=64, epochs=34, schedule="step",
+                                  milestones=[19, 27, 31], precision=32),
+}
+
+
+def write_rec(root: Path, classes: int = 4, per_class: int = 5, size: int = 112) -> Path:
+    rng = np.random.default_rng(0)
+    with RecordIOWriter(root) as writer:
+        for label in range(classes):
+            palette = rng.integers(0, 256, (3, 3, 3))
+            for _ in range(per_class):
+                coarse = np.clip(palette + rng.normal(0, 25, palette.shape), 0, 255).astype(np.uint8)
+                writer.add(cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR), label)
+    return root
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_rec(tmp_path_factory.mktemp("rec"))
+
+
+def test_every_official_recipe_is_listed() -> None:
+    assert set(RECIPES) == set(OFFICIAL)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_holds_the_cited_official_values(name: str) -> None:
+    text = (FACE / f"{name}.yaml").read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert re.search(r"Sources?: (" + "|".join(map(re.escape, SOURCES)) + r"), \S+\.(py|sh|md)", header), \
+        f"{name}: the header must cite its source (repository, file)"
+    config, want = yaml.safe_load(text), OFFICIAL[name]
+    model, trainer, data = config["model"], config["trainer"], config["data"]["init_args"]
+    margin = model["head"]["margin"]
+    assert (margin["class_path"].rsplit(".", 1)[1], margin["init_args"]) == want["margin"]
+    assert model["backbone"]["init_args"]["layers"] == want["layers"]
+    assert model["backbone"]["init_args"]["embedding_size"] == 512
+    assert model["head"]["sample_rate"] == want["sample_rate"]
+    sgd = {"lr": want["lr"], "momentum": 0.9, "weight_decay": want["wd"]}
+    assert model["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": sgd}
+    assert (data["batch_size"], trainer["devices"]) == (want["batch"], want["gpus"])
+    assert trainer["max_epochs"] == want["epochs"] and model["warmup_epochs"] == want["warmup"]
+    assert model["schedule"] == want["schedule"] and model.get("lr_milestones") == want.get("milestones")
+    assert trainer["precision"] == want["precision"]
+    assert model.get("clip_backbone_grad_norm") == want["clip"]
+
+
+@pytest.mark.parametrize("name", RECIPES + ["quickstart"])
+def test_recipe_builds_through_the_cli(name: str, rec: Path, tmp_path: Path) -> None:
+    args = ["--config", str(FACE / f"{name}.yaml"), "--data.root", str(rec),
+            "--run_dir", str(tmp_path / "run")]
+    if name == "quickstart":
+        args += ["--data.synthetic", "null", "--data.image_size", "112"]
+    cli = build_cli(args)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    assert model.num_classes == 4  # linked from the data
+    assert cli.config["checkpoint"]["dirpath"] == str(tmp_path / "run" / "checkpoints")
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)]
+    assert len(checkpoints) == 1 and checkpoints[0].save_last
+    summary = describe_run(model, data, trainer)
+    if name in OFFICIAL:
+        want = OFFICIAL[name]
+        params = {(3, 4, 14, 3): 43.59, (3, 13, 30, 3): 65.16}[tuple(want["layers"])]  # as insightface's
+        assert f"{params:.2f} M parameters" in summary
+        assert f"{want['batch'] * want['gpus']} global" in summary
+        assert any(isinstance(c, pl.Callback) and type(c).__name__ == "VerificationCallback"
+                   for c in trainer.callbacks)
+        model.configure_model()
+        groups = model._param_groups()
+        if name == "webface4m_r50_adaface":  # no weight decay on BatchNorm parameters, as AdaFace
+            assert [g.get("weight_decay") for g in groups] == [None, 0.0, None]
+            assert sum(p.numel() for p in groups[1]["params"]) > 0
+        else:
+            assert len(groups) == 2
+
+
+def test_dry_run_prints_the_plan_without_training(rec: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    code = run_training(["--config", str(FACE / "ms1mv3_r50_arcface.yaml"), "--data.root", str(rec),
+                         "--run_dir", str(tmp_path / "run"), "--dry_run", "true"])
+    out = capsys.readouterr().out
+    assert code == 0 and not (tmp_path / "run" / "checkpoints").exists()
+    assert "IResNet: 43.59 M parameters, embedding 512" in out and "ArcFace(s=64.0, m=0.5)" in out
+    assert "batch 128 per process, 1024 global" in out and "8 device(s)" in out
+    assert "fewer images than one global batch" in out  # 20 images
+    assert "SGD(lr=0.2, momentum=0.9, weight_decay=0.0005" in out and "clipped at 5.0" in out
+
+
+# ----------------------------------------------------------------------------------- schedules
+
+
+def wespeaker_exponential(step: int, total: int, warmup: int, initial: float, final: float) -> float:
+    """WeSpeaker ExponentialDecrease with warm_from_zero (its VoxCeleb setting), written from its formula;
+    our ramp is (t + 1) / W instead of t / W so that the first step does not have lr 0."""
+    ramp = (step + 1) / warmup if step < warmup else 1.0
+    return ramp * initial * math.exp(step / total * math.log(final / initial))
+
+
+def test_exponential_schedule_matches_wespeaker() -> None:
+    per_epoch = 10
+    total, warmup = 150 * per_epoch, 6 * per_epoch  # 150 epochs, 6 warmup epochs: lr 0.1 -> 5e-5
+    schedule = Schedule("exponential", total_steps=total, warmup_steps=warmup, steps_per_epoch=per_epoch,
+                        final_lr_ratio=5e-5 / 0.1)
+    for step in (0, 29, 59, 60, 300, 750, total - 1):
+        expected = wespeaker_exponential(step, total, warmup, 0.1, 5e-5)
+        assert 0.1 * schedule(step) == pytest.approx(expected, rel=1e-9)
+    assert 0.1 * schedule(total - 1) == pytest.approx(5e-5, rel=0.01)  # reaches lr * ratio at the end
+    assert 0.1 * schedule(750) == pytest.approx(0.1 * math.sqrt(5e-4), rel=1e-9)
+
+
+def test_poly_cosine_step_constant_schedules() -> None:
+    poly = Schedule("poly", total_steps=100, warmup_steps=10)
+    assert [poly(t) for t in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert poly(55) == pytest.approx((1 - 45 / 90) ** 2)  # arcface_torch PolyScheduler, power 2
+    assert poly(100) == 0.0
+    cosine = Schedule("cosine", total_steps=100)
+    assert [cosine(0), cosine(50), cosine(100)] == pytest.approx([1.0, 0.5, 0.0])
+    step = Schedule("step", total_steps=100, steps_per_epoch=10, milestones=[2, 5], gamma=0.1)
+    assert [step(t) for t in (0, 19, 20, 49, 50, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert Schedule("constant", total_steps=5)(4) == 1.0
+    assert sorted(DECAYS) == sorted(typing.get_args(ScheduleName))  # the CLI's choices are the registry
+    with pytest.raises(KeyError, match="unknown learning-rate schedule 'linear'"):
+        Schedule("linear", total_steps=5)
+
+
+class _Flat(nn.Module):
+    embedding_size = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class _Lrs(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: List[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_module_runs_the_exponential_schedule_per_step() -> None:
+    from mlearn.heads import ArcFace
+
+    class Module(EmbeddingModule):
+        def train_dataloader(self) -> DataLoader:
+            g = torch.Generator().manual_seed(0)
+            data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+            return DataLoader(data, batch_size=4)  # 4 steps per epoch
+
+    module = Module(_Flat(), HeadConfig(margin=ArcFace(s=8.0, m=0.2)), num_classes=3,
+                    optimizer=lambda params: torch.optim.SGD(params, lr=0.1), schedule="exponential",
+                    final_lr_ratio=1e-2, warmup_epochs=0.5)
+    lrs = _Lrs()
+    pl.Trainer(accelerator="cpu", max_epochs=3, callbacks=[lrs], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(module)
+    total, warmup = 12, 2
+    expected = [0.1 * min((t + 1) / warmup, 1.0) * 1e-2 ** (t / total) for t in range(total)]
+    assert lrs.lrs == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="final_lr_ratio"):
+        Module(_Flat(), HeadConfig(margin=ArcFace()), num_classes=3, schedule="exponential",
+               final_lr_ratio=0.0)
+    with pytest.raises(ValueError, match="lr_milestones"):
+        Module(_Flat(), HeadConfig(margin=ArcFace()), num_classes=3, schedule="step")
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_recipe_trains_on_a_generated_recordio_set(rec: Path, tmp_path: Path) -> None:
+    """`mlearn train --config configs/face/ms1mv3_r50_arcface.yaml --data.root <rec>` with small overrides:
+    2 steps at batch 8 on one CPU process, validation on a tiny CFP-FP .bin at step 2 (the monitored
+    metric: best + last checkpoints)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(20)]
+    write_bin(tmp_path / "data" / "ms1mv3" / "cfp_fp.bin", images, [True, False] * 5)  # relative to the cwd
+    config = yaml.safe_load((FACE / "ms1mv3_r50_arcface.yaml").read_text())
+    validation = config["trainer"]["callbacks"][0]["init_args"]
+    assert "data/ms1mv3/cfp_fp.bin" in validation["bins"]
+    validation.update(bins=["data/ms1mv3/cfp_fp.bin"], every_n_train_steps=2, flip=False, batch_size=20)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "mlearn", "train", "--config", str(path), "--data.root", str(rec),
+         "--run_dir", str(run), "--trainer.max_steps", "2", "--data.batch_size", "8",
+         "--data.num_workers", "0", "--data.pin_memory", "false",
+         "--trainer.devices", "1", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
+         "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    assert "val/cfp_fp/accuracy" in metrics[0] and "train/loss" in metrics[0]
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert names == ["epoch=0-step=2.ckpt", "last.ckpt"], names
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # loadable as --ckpt_path
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["state_dict"]["head.weight"].shape == (4, 512)
+    assert checkpoint["FaceDataModule"] == {"seed": 0, "epoch": 1, "samples": 0, "global_batch": 8}

@@ -1,0 +1,272 @@
+"""Exact resume: n steps + kill + ``ckpt_path`` + n steps equals 2n steps straight (sampler position,
+augmentation and Partial FC random streams, optimizer, schedule and margin state all restored); and the
+seeded epoch-permutation sampler that makes it possible."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from mlearn.data.datamodule import FaceDataModule
+from mlearn.data.recordio import RecordIOWriter
+from mlearn.data.samplers import (
+    EpochPermutationSampler,
+    EpochSeededDataset,
+    reseed_transform,
+    sample_generators,
+)
+from mlearn.data.transforms import build_transform
+from mlearn.heads import AdaFace
+from mlearn.models import IResNet
+from mlearn.module import EmbeddingModule, HeadConfig
+
+CLASSES, PER_CLASS, SIZE, BATCH = 4, 8, 32, 8  # 32 images: 4 batches per epoch
+
+
+def write_rec(root: Path, classes: int = CLASSES, per_class: int = PER_CLASS, size: int = SIZE) -> Path:
+    """A tiny insightface RecordIO set of smooth random colour images (identity = colour palette)."""
+    rng = np.random.default_rng(0)
+    with RecordIOWriter(root) as writer:
+        for label in range(classes):
+            palette = rng.integers(0, 256, (3, 3, 3))
+            for _ in range(per_class):
+                coarse = np.clip(palette + rng.normal(0, 25, palette.shape), 0, 255).astype(np.uint8)
+                writer.add(cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR), label)
+    return root
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_rec(tmp_path_factory.mktemp("rec"))
+
+
+class Kill(pl.Callback):
+    """Simulates the job dying just before optimizer step ``step + 1`` (after step ``step``'s checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise KeyError("killed")  # any exception: Lightning tears down and re-raises it
+
+
+def make_module() -> EmbeddingModule:
+    torch.manual_seed(0)
+    backbone = IResNet(layers=[1, 1], width=8, embedding_size=16, input_size=SIZE, stem_stride=2, dropout=0.2)
+    head = HeadConfig(margin=AdaFace(s=16.0, m=0.3), sample_rate=0.5)
+    return EmbeddingModule(backbone, head, num_classes=CLASSES, warmup_epochs=1.0, schedule="poly",
+                           clip_backbone_grad_norm=2.0)
+
+
+def train(rec: Path, run_dir: Path, max_steps: int, every: int, kill: Optional[int] = None,
+          ckpt_path: Optional[str] = None, num_workers: int = 0) -> EmbeddingModule:
+    module = make_module()
+    data = FaceDataModule(str(rec), batch_size=BATCH, num_workers=num_workers, image_size=SIZE,
+                          augmentation="low_quality", seed=3)
+    checkpoints = ModelCheckpoint(dirpath=run_dir, every_n_train_steps=every, save_last=True, save_top_k=-1)
+    callbacks: List[pl.Callback] = [checkpoints]
+    if kill is not None:
+        callbacks.insert(0, Kill(kill))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False)  # hparams hold objects
+    return module
+
+
+def weights(module: EmbeddingModule) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(got: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("n", [3, 4])  # mid-epoch (then across the epoch boundary), and at the end of epoch 0
+def test_kill_and_resume_equals_straight_run(rec: Path, tmp_path: Path, n: int) -> None:
+    straight = weights(train(rec, tmp_path / "straight", max_steps=2 * n, every=n))
+    with pytest.raises(KeyError, match="killed"):
+        train(rec, tmp_path / "resumed", max_steps=2 * n, every=n, kill=n)
+    last = tmp_path / "resumed" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["global_step"] == n
+    after_n = checkpoint["state_dict"]
+    resumed = weights(train(rec, tmp_path / "resumed", max_steps=2 * n, every=n, ckpt_path=str(last)))
+
+    assert not torch.equal(after_n["head.weight"], straight["head.weight"])  # the second half did train
+    assert not torch.equal(after_n["head.margin.batch_mean"], straight["head.margin.batch_mean"])
+    assert_same(resumed, straight)
+
+
+def test_resume_without_the_data_position_diverges(rec: Path, tmp_path: Path) -> None:
+    """Negative control: the same resume with the sampler position dropped from the checkpoint differs."""
+    straight = weights(train(rec, tmp_path / "straight", max_steps=6, every=3))
+    with pytest.raises(KeyError):
+        train(rec, tmp_path / "run", max_steps=6, every=3, kill=3)
+    checkpoint = torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)
+    position = {"seed": 3, "epoch": 0, "samples": 3 * BATCH, "global_batch": BATCH}
+    assert checkpoint["FaceDataModule"] == position
+    del checkpoint["FaceDataModule"]
+    torch.save(checkpoint, tmp_path / "no_position.ckpt")
+    resumed = weights(train(rec, tmp_path / "run", max_steps=6, every=3,
+                            ckpt_path=str(tmp_path / "no_position.ckpt")))
+    differing = [k for k in straight if not torch.allclose(resumed[k], straight[k])]
+    assert "head.weight" in differing
+
+
+# ------------------------------------------------------------------------------------------ sampler
+
+
+def test_sampler_global_batches_are_shared_out_over_ranks() -> None:
+    n, batch, world = 50, 4, 3  # global batch 12: 4 batches, 2 samples dropped
+    samplers = [EpochPermutationSampler(n, batch, seed=5, num_replicas=world, rank=r, epoch=2)
+                for r in range(world)]
+    streams = [list(s) for s in samplers]
+    assert all(len(s) == len(stream) == 16 for s, stream in zip(samplers, streams))
+    assert all(epoch == 2 for stream in streams for _, epoch in stream)
+    order = samplers[0].permutation(2)
+    for b in range(4):  # global batch b = ranks' b-th batches side by side
+        together = [i for r in range(world) for i, _ in streams[r][b * batch:(b + 1) * batch]]
+        assert together == order[b * 12:(b + 1) * 12].tolist()
+    # the same order as one process with the whole global batch
+    single = [i for i, _ in EpochPermutationSampler(n, batch * world, seed=5, epoch=2)]
+    assert single == order[:48].tolist()
+
+
+def test_sampler_epochs_seeds_and_start_position() -> None:
+    sampler = EpochPermutationSampler(40, 4, seed=1)
+    first = [i for i, _ in sampler]
+    assert sorted(first) == list(range(40)) and first != list(range(40))
+    assert [i for i, _ in sampler] == first  # same epoch, same order
+    sampler.set_epoch(1)
+    assert [i for i, _ in sampler] != first
+    assert [i for i, _ in EpochPermutationSampler(40, 4, seed=2)] != first
+
+    resumed = EpochPermutationSampler(40, 4, seed=1, epoch=0, start=12)
+    assert [i for i, _ in resumed] == first[12:]
+    assert [i for i, _ in resumed] == first  # the skip applies once
+    resumed = EpochPermutationSampler(40, 4, seed=1, epoch=0, start=12)
+    resumed.set_epoch(1)  # a new epoch starts from its beginning
+    assert len(list(resumed)) == 40
+
+
+def test_sampler_rejects_bad_layouts() -> None:
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        EpochPermutationSampler(10, 4, num_replicas=3)
+    with pytest.raises(ValueError, match="rank=2"):
+        EpochPermutationSampler(100, 4, num_replicas=2, rank=2)
+
+
+def test_augmentation_is_seeded_per_sample_not_per_worker(rec: Path) -> None:
+    data = FaceDataModule(str(rec), batch_size=BATCH, num_workers=0, image_size=SIZE,
+                          augmentation="low_quality")
+    seeded = EpochSeededDataset(data.dataset, seed=7)
+    a, label = seeded[(5, 0)]
+    b, _ = seeded[(5, 0)]
+    c, _ = seeded[(5, 1)]
+    torch.testing.assert_close(a, b)  # same sample, same epoch: same augmentation
+    assert label == int(data.dataset.labels[5])
+    assert sum(not torch.equal(seeded[(i, 0)][0], seeded[(i, 1)][0]) for i in range(8)) >= 2  # epochs differ
+    reseed_transform(data.dataset.transform, sample_generators(7, 1, 5))  # the documented streams
+    torch.testing.assert_close(data.dataset[5][0], c)
+
+    one = [batch for _, batch in zip(range(3), data.train_dataloader())]
+    data_workers = FaceDataModule(str(rec), batch_size=BATCH, num_workers=2, image_size=SIZE,
+                                  augmentation="low_quality")
+    two = [batch for _, batch in zip(range(3), data_workers.train_dataloader())]
+    for (x0, y0, _), (x1, y1, _) in zip(one, two):
+        torch.testing.assert_close(x0, x1)
+        torch.testing.assert_close(y0, y1)
+
+
+def test_sample_generators_give_independent_transform_draws() -> None:
+    """One shared generator per sample: a flip and a crop are not applied together (as they would be if
+    each transform were seeded with the same number)."""
+    transform = build_transform([{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}],
+                                image_size=4)
+    image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    both_or_neither = 0
+    for index in range(200):
+        dataset = EpochSeededDataset(_OneImage(image, transform), seed=0)
+        out = dataset[(index, 0)][0].numpy().transpose(1, 2, 0)
+        plain = (image.astype(np.float32) - 127.5) / 127.5
+        flips = [np.allclose(out, f(plain)) for f in (lambda x: x, lambda x: x[::-1, ::-1])]
+        both_or_neither += any(flips)
+    assert 0.35 < both_or_neither / 200 < 0.65
+    g1, g2 = sample_generators(0, 0, 1), sample_generators(0, 1, 0)
+    assert g1[0].random() != g2[0].random() and g1[1].random() != g2[1].random()
+
+
+class _OneImage:
+    def __init__(self, image: np.ndarray, transform: object) -> None:
+        self.image, self.transform = image, transform
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.transform(self.image), 0
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+TINY_CONFIG = """
+seed_everything: 0
+trainer: {accelerator: cpu, devices: 1, max_steps: 4, precision: 32, enable_progress_bar: false,
+          enable_model_summary: false, logger: false}
+checkpoint: {every_n_train_steps: 2, save_top_k: -1}
+model:
+  backbone:
+    class_path: mlearn.models.IResNet
+    init_args: {layers: [1, 1], width: 8, embedding_size: 16, input_size: 32, stem_stride: 2, dropout: 0.2}
+  head:
+    margin: {class_path: mlearn.heads.ElasticArcFace, init_args: {s: 16.0, m: 0.3}}
+    sample_rate: 0.5
+  warmup_epochs: 0.5
+data:
+  class_path: mlearn.data.FaceDataModule
+  init_args: {root: ROOT, batch_size: 8, num_workers: 0, image_size: 32, augmentation: low_quality}
+"""
+
+
+def test_cli_resume_from_a_mid_run_checkpoint(rec: Path, tmp_path: Path) -> None:
+    """``mlearn train --ckpt_path last`` (checkpoints as the CLI writes them, loaded with
+    ``weights_only=True``) continues a 4-step run from its step-2 checkpoint to the same weights."""
+    from mlearn.train_cli import run_training
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG.replace("ROOT", str(rec)))
+    assert run_training(["--config", str(config), "--run_dir", str(tmp_path / "a")]) == 0
+    straight = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    step2 = next((tmp_path / "a" / "checkpoints").glob("*step=2.ckpt"))
+    (tmp_path / "b" / "checkpoints" / "last.ckpt").write_bytes(step2.read_bytes())  # as a killed run leaves it
+    assert run_training(["--config", str(config), "--run_dir", str(tmp_path / "b"), "--ckpt_path", "last"]) == 0
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == 4
+    assert_same(resumed["state_dict"], straight["state_dict"])
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_uint8_batches_train_like_float_batches(rec: Path) -> None:
+    """``uint8_batches``: the loader ships uint8 and the module normalises on the device: same loss."""
+    losses = []
+    for uint8 in (False, True):
+        data = FaceDataModule(str(rec), batch_size=BATCH, num_workers=0, image_size=SIZE, uint8_batches=uint8)
+        batch = next(iter(data.train_dataloader()))
+        assert batch[0].dtype == (torch.uint8 if uint8 else torch.float32)
+        module = make_module()
+        module.configure_model()
+        module.eval()  # no dropout, no head sampling: a deterministic loss
+        with torch.no_grad():
+            losses.append(module.training_step(batch, 0))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)

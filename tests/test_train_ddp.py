@@ -1,0 +1,131 @@
+"""A few DDP training steps (2 gloo processes, CPU) through Lightning's Trainer with the real data path
+(RecordIO -> seeded sampler -> augmentation) and a sharded Partial FC head equal the same steps in one
+process with the whole global batch; and a checkpoint written by the 2-process run resumes in one process
+as if the run had never changed its rank count."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Dict
+
+import cv2
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.multiprocessing as mp
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+
+from mlearn.data.datamodule import FaceDataModule
+from mlearn.data.recordio import RecordIOWriter
+
+CLASSES, PER_CLASS, SIZE, WORLD, PER_RANK, STEPS = 5, 8, 16, 2, 4, 4  # 40 images, 5 global batches/epoch
+
+
+class FlatNet(nn.Module):
+    """No batch norm: per-rank BN statistics would legitimately differ from the global ones."""
+
+    embedding_size = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 16), nn.Tanh(), nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def write_rec(root: Path) -> Path:
+    rng = np.random.default_rng(1)
+    with RecordIOWriter(root) as writer:
+        for label in range(CLASSES):
+            palette = rng.integers(0, 256, (2, 2, 3))
+            for _ in range(PER_CLASS):
+                coarse = np.clip(palette + rng.normal(0, 30, palette.shape), 0, 255).astype(np.uint8)
+                writer.add(cv2.resize(coarse, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR), label)
+    return root
+
+
+def make_module():
+    from mlearn.heads import AdaFace
+    from mlearn.module import EmbeddingModule, HeadConfig
+
+    class Module(EmbeddingModule):
+        def configure_model(self) -> None:
+            # the centers' initial seed is drawn from the global generator, which DDP's setup re-seeds
+            # (from PL_GLOBAL_SEED, left by any earlier seed_everything) and a single process does not
+            if self.head is None:
+                torch.manual_seed(1)
+            super().configure_model()
+
+    torch.manual_seed(0)
+    return Module(FlatNet(), HeadConfig(margin=AdaFace(s=16.0, m=0.3)), num_classes=CLASSES,
+                  warmup_epochs=0.4, schedule="poly", clip_backbone_grad_norm=50.0)
+
+
+def fit(rec: Path, out: Path, batch_size: int, devices: int = 1, strategy: object = "auto",
+        ckpt_path: str | None = None) -> pl.Trainer:
+    module = make_module()
+    data = FaceDataModule(str(rec), batch_size=batch_size, num_workers=0, image_size=SIZE,
+                          augmentation="standard")
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
+                         callbacks=[ModelCheckpoint(dirpath=out, every_n_train_steps=2, save_top_k=-1)],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False)  # hparams hold objects
+    trainer.save_checkpoint(out / "final.ckpt")  # collective under DDP: gathers the center shards
+    return trainer
+
+
+def _worker(rank: int, port: int, rec: Path, out: Path) -> None:
+    from pytorch_lightning.strategies import DDPStrategy
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      WORLD_SIZE=str(WORLD), RANK=str(rank))
+    fit(rec, out, PER_RANK, devices=WORLD, strategy=DDPStrategy(process_group_backend="gloo"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(path: Path) -> Dict:
+    return torch.load(path, weights_only=False)
+
+
+def assert_same_training_state(got: Dict, expected: Dict) -> None:
+    """Weights and momentum equal up to float rounding (the summation order differs between layouts)."""
+    assert got["global_step"] == expected["global_step"] == STEPS
+    assert set(got["state_dict"]) == set(expected["state_dict"])
+    for key, value in expected["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    got_state, expected_state = got["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"]
+    assert set(got_state) == set(expected_state)
+    for index, state in expected_state.items():
+        torch.testing.assert_close(got_state[index]["momentum_buffer"], state["momentum_buffer"], rtol=1e-4,
+                                   atol=1e-5, msg=f"momentum of parameter {index}")
+
+
+@pytest.mark.distributed
+def test_ddp_training_run_equals_one_process_and_resumes_on_one(tmp_path: Path) -> None:
+    rec = write_rec(tmp_path / "rec")
+    mp.spawn(_worker, args=(free_port(), rec, tmp_path / "ddp"), nprocs=WORLD, join=True)
+    ddp = load(tmp_path / "ddp" / "final.ckpt")
+    assert ddp["state_dict"]["head.weight"].shape == (CLASSES, FlatNet.embedding_size)  # gathered shards
+    assert ddp["FaceDataModule"]["global_batch"] == WORLD * PER_RANK
+
+    fit(rec, tmp_path / "single", WORLD * PER_RANK)
+    single = load(tmp_path / "single" / "final.ckpt")
+    initial = make_module().state_dict()
+    assert not torch.equal(single["state_dict"]["backbone.body.1.weight"], initial["backbone.body.1.weight"])
+    assert single["state_dict"]["head.margin.batch_mean"].item() != 20.0  # AdaFace statistics moved
+    assert_same_training_state(ddp, single)
+
+    # resume the 2-process run's step-2 checkpoint in one process with the same global batch
+    step2 = next((tmp_path / "ddp").glob("*step=2.ckpt"))
+    fit(rec, tmp_path / "resumed", WORLD * PER_RANK, ckpt_path=str(step2))
+    assert_same_training_state(load(tmp_path / "resumed" / "final.ckpt"), single)

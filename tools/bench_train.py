@@ -1,0 +1,182 @@
+"""Training throughput: the training data loader (RecordIO + decode + augmentation, in the seeded resumable
+order of FaceDataModule) against a bare JPEG-decode loop, and IResNet-50 + Partial FC training steps.
+
+Loader rows (same synthetic ``train.rec`` and the same run; helpers from ``bench_loader.py``):
+
+  bare cv2 decode          cv2.imdecode of the JPEG bytes already in memory: the reference (ratio 1)
+  DataLoader w=N shuffle   RecordIODataset + ``standard`` augmentation through a plain shuffled DataLoader
+  FaceDataModule w=N       FaceDataModule.train_dataloader(): the same plus the epoch-permutation
+                           sampler and the per-sample augmentation seed (what training uses)
+  ... uint8                the same with uint8_batches: uint8 [B, 3, H, W] batches, normalised later
+                           on the training device (not timed here)
+
+``per_worker`` is images/s divided by the processes doing the work (1 for N=0); ``ratio`` is
+``per_worker`` over the bare decode rate (target: FaceDataModule >= 0.8). Medians of ``--repeats``
+passes taken round-robin after a warm-up round. Workers share the machine's cores with the main process.
+
+Training row: ``EmbeddingModule`` (IResNet-50, ArcFace Partial FC over ``--num-classes`` classes, SGD)
+through Lightning's Trainer on one device, on an in-memory batch repeated (the loader is measured
+above): images/s over ``--train-steps`` steps after ``--train-warmup`` untimed ones.
+
+Examples:
+  python tools/bench_train.py --images 3000 --workers 0 1 2 4                      # CPU
+  python tools/bench_train.py --device cuda --precision bf16-mixed --train-steps 50 --parts train
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from bench_loader import loader_epoch, make_rec, measure  # tools/ (this script's folder) is on sys.path
+from torch.utils.data import DataLoader, IterableDataset
+
+from mlearn.data.corrupt import decode_image
+from mlearn.data.datamodule import FaceDataModule
+from mlearn.data.recordio import RecordIODataset
+from mlearn.data.transforms import build_transform
+
+
+def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = False) -> Callable[[], int]:
+    """One pass of FaceDataModule's training loader (workers persist between passes)."""
+    data = FaceDataModule(root, batch_size=batch_size, num_workers=workers, augmentation="standard",
+                          uint8_batches=uint8)
+    loader = data.train_dataloader()
+    epoch = [0]
+
+    def run() -> int:
+        loader.sampler.set_epoch(epoch[0])
+        epoch[0] += 1
+        return sum(len(labels) for _, labels, _ in loader)
+
+    return run
+
+
+def bench_loader(args: argparse.Namespace) -> List[Tuple[str, float, float, float]]:
+    """Rows ``(name, images/s, per worker, ratio to bare decode)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        payloads = make_rec(Path(tmp), args.images, args.size, args.quality, args.classes)
+        augmented = RecordIODataset(tmp, transform=build_transform("standard", image_size=args.size))
+
+        def bare_cv2() -> int:
+            for data in payloads:
+                decode_image(data, "bench")
+            return len(payloads)
+
+        runs: Dict[str, Callable[[], int]] = {"bare cv2 decode": bare_cv2}
+        procs = {"bare cv2 decode": 1}
+        for w in args.workers:
+            runs[f"DataLoader w={w} shuffle"] = loader_epoch(augmented, w, args.batch_size)
+            runs[f"FaceDataModule w={w}"] = datamodule_epoch(tmp, w, args.batch_size)
+            runs[f"FaceDataModule w={w} uint8"] = datamodule_epoch(tmp, w, args.batch_size, uint8=True)
+            for name in (f"DataLoader w={w} shuffle", f"FaceDataModule w={w}", f"FaceDataModule w={w} uint8"):
+                procs[name] = max(w, 1)
+        rates = measure(runs, args.repeats)
+    base = rates["bare cv2 decode"]
+    return [(name, rate, rate / procs[name], rate / procs[name] / base) for name, rate in rates.items()]
+
+
+class _RepeatedBatch(IterableDataset):
+    """The same (images, labels) batch forever: training compute without the loader."""
+
+    def __init__(self, batch_size: int, size: int, num_classes: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch_size, 3, size, size, generator=g)
+        self.labels = torch.randint(0, num_classes, (batch_size,), generator=g)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.images, self.labels
+
+
+class _StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: List[float] = []
+        self._start = 0.0
+
+    def _sync(self, module: pl.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        self._sync(module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        self._sync(module)
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def bench_training(args: argparse.Namespace) -> Dict[str, float]:
+    """IResNet-50 + ArcFace Partial FC training steps: ``{images_per_sec, median_step_ms}``."""
+    from mlearn.heads import ArcFace
+    from mlearn.models import IResNet
+    from mlearn.module import EmbeddingModule, HeadConfig
+
+    torch.manual_seed(0)
+    module = EmbeddingModule(IResNet(layers=[3, 4, 14, 3], embedding_size=512, input_size=args.size),
+                             HeadConfig(margin=ArcFace(s=64.0, m=0.5), sample_rate=args.sample_rate),
+                             num_classes=args.num_classes, schedule="constant", clip_backbone_grad_norm=5.0)
+    loader = DataLoader(_RepeatedBatch(args.train_batch_size, args.size, args.num_classes), batch_size=None)
+    timer = _StepTimer(args.train_warmup)
+    trainer = pl.Trainer(accelerator=args.device, devices=1, precision=args.precision,
+                         max_steps=args.train_warmup + args.train_steps, callbacks=[timer], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         benchmark=args.device == "cuda")
+    trainer.fit(module, train_dataloaders=loader)
+    step = statistics.median(timer.times)
+    return {"images_per_sec": args.train_batch_size / step, "median_step_ms": 1000 * step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=("loader", "train"), default=["loader", "train"])
+    parser.add_argument("--images", type=int, default=3000, help="synthetic RecordIO images (loader)")
+    parser.add_argument("--classes", type=int, default=100, help="identities of the synthetic RecordIO set")
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the synthetic images")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=128, help="loader batch size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (training)")
+    parser.add_argument("--precision", default="32", help="Lightning precision: 32, bf16-mixed, 16-mixed")
+    parser.add_argument("--train-batch-size", type=int, default=128)
+    parser.add_argument("--num-classes", type=int, default=93431, help="Partial FC classes (MS1MV3: 93431)")
+    parser.add_argument("--sample-rate", type=float, default=1.0)
+    parser.add_argument("--train-steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--train-warmup", type=int, default=3, help="untimed training steps first")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+          + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
+    if "loader" in args.parts:
+        torch.set_num_threads(1)
+        rows = bench_loader(args)
+        print(f"loader: {args.images} images {args.size}x{args.size} JPEG q={args.quality}, "
+              f"batch {args.batch_size}, median of {args.repeats}")
+        print(f"{'path':<28}{'img/s':>10}{'per_worker':>12}{'ratio':>8}")
+        for name, rate, per, ratio in rows:
+            print(f"{name:<28}{rate:>10.0f}{per:>12.0f}{ratio:>8.2f}")
+        torch.set_num_threads(os.cpu_count() or 1)
+    if "train" in args.parts:
+        result = bench_training(args)
+        print(f"train: IResNet-50 + ArcFace Partial FC ({args.num_classes} classes, sample rate "
+              f"{args.sample_rate}), batch {args.train_batch_size}, {args.precision} on {args.device}: "
+              f"{result['images_per_sec']:.1f} img/s (median step {result['median_step_ms']:.0f} ms over "
+              f"{args.train_steps} steps)")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
