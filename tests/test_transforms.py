@@ -128,3 +128,21 @@ def test_uint8_output_normalised_later_matches_float(preset: str) -> None:
     assert normalize_images(as_float) is as_float
     with pytest.raises(ValueError, match="output must be one of"):
         build_transform("eval", output="half")
+
+
+def test_pipeline_transforms_draw_independently():
+    """Two flips at p=0.5 in one pipeline: each applied about half the time, independently (albumentations'
+    set_random_seed would give both the same seed, so they would be applied both or neither)."""
+    import albumentations as A
+
+    from mlearn.data.transforms import ImageTransform
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[0, 0] = 255  # the marker's corner tells which flips were applied
+    transform = ImageTransform([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)], image_size=8, output="uint8")
+    corners = {(0, 0): 0, (0, 7): 0, (7, 0): 0, (7, 7): 0}
+    for _ in range(400):
+        out = transform(image)[0].numpy()
+        corners[tuple(int(v) for v in np.argwhere(out == 255)[0])] += 1
+    for count in corners.values():  # none, h only, v only, both: 100 each expected
+        assert 60 < count < 140, corners

@@ -14,7 +14,6 @@ sample gets the same augmentation whichever worker process (or how many workers)
 from __future__ import annotations
 
 import logging
-import os
 import random
 from typing import Any, Iterator, Optional, Tuple
 
@@ -156,14 +155,10 @@ def reseed_transform(transform: Any, generators: Tuple[np.random.Generator, rand
     (a flip and a crop applied together or not at all).
     """
     pipeline = getattr(transform, "pipeline", transform)
-    set_state = getattr(pipeline, "set_random_state", None)
-    if set_state is None:
+    if getattr(pipeline, "set_random_state", None) is None:
         return False
     if getattr(pipeline, "random_generator", None) is not generators[0]:
-        set_state(*generators)
-    if hasattr(transform, "_seeded_pid"):
-        # ImageTransform seeds itself once per process on first use; mark it done so that it keeps ours
-        transform._seeded_pid = os.getpid()
+        transform.set_random_state(*generators)  # ImageTransform's (which also stops its own seeding) or Compose's
     return True
 
 

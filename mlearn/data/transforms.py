@@ -22,6 +22,7 @@ A custom list names albumentations classes (or this module's ``ZeroPadRandomCrop
 from __future__ import annotations
 
 import math
+import random
 import os
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
@@ -174,7 +175,8 @@ class ImageTransform:
     normalised on the device with :func:`normalize_images` (cheaper to collate and ship between
     processes; see ``evaluation/BENCHMARKS.md``).
 
-    The albumentations pipeline is re-seeded once in every process from ``torch.initial_seed()``:
+    The albumentations pipeline is re-seeded once in every process from ``torch.initial_seed()``
+    (see :meth:`set_random_state`):
     DataLoader workers are forked with identical generator states, and without this every worker
     would draw the same augmentations.
     """
@@ -199,11 +201,21 @@ class ImageTransform:
             image = cv2.resize(image, (self.size[1], self.size[0]),
                                interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         if self.pipeline is not None:
-            if self._seeded_pid != os.getpid() and hasattr(self.pipeline, "set_random_seed"):
-                self.pipeline.set_random_seed(torch.initial_seed() % 2**32)
-                self._seeded_pid = os.getpid()
+            if self._seeded_pid != os.getpid():
+                seed = torch.initial_seed() % 2**32
+                self.set_random_state(np.random.default_rng(seed), random.Random(seed))
             image = self.pipeline(image=image)["image"]
         return self._to_tensor(image)
+
+    def set_random_state(self, numpy_generator: np.random.Generator, python_random: random.Random) -> None:
+        """Make every augmentation of the pipeline draw from these two shared generators.
+
+        Not albumentations' ``set_random_seed``: that gives each transform its own generator from the
+        same seed, so their first draws coincide (two flips applied both or neither, every time).
+        """
+        if self.pipeline is not None and hasattr(self.pipeline, "set_random_state"):
+            self.pipeline.set_random_state(numpy_generator, python_random)
+        self._seeded_pid = os.getpid()
 
     def __repr__(self) -> str:
         names = ", ".join(type(t).__name__ for t in self.augmentations) or "none"
