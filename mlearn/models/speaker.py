@@ -12,16 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlearn.data.fbank import fbank_spec
 from mlearn.models.backbone import register_backbone, register_variant
-
-AUDIO_INPUT_SPEC: Dict[str, Any] = {
-    "modality": "audio", "sample_rate": 16000, "features": "kaldi_fbank", "num_mel_bins": 80,
-    "frame_length_ms": 25.0, "frame_shift_ms": 10.0, "cmn": True, "layout": "[B, T, num_mel_bins]",
-}
 
 
 def _audio_spec(num_mel_bins: int) -> Dict[str, Any]:
-    return {**AUDIO_INPUT_SPEC, "num_mel_bins": num_mel_bins}
+    """The input spec recorded at export: every Kaldi fbank option (Hamming window, not Kaldi's povey
+    default; dither 0 at inference; int16-range input scale; CMN), so that consumers can rebuild the
+    front-end exactly."""
+    return {"modality": "audio", **fbank_spec({"num_mel_bins": num_mel_bins}), "layout": "[B, T, num_mel_bins]"}
+
+
+AUDIO_INPUT_SPEC: Dict[str, Any] = _audio_spec(80)
 
 
 def _mean_std(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
