@@ -12,7 +12,6 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List
 
-import cv2
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -21,8 +20,8 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from data_utils import write_palette_rec
 from mlearn.data.bins import write_bin
-from mlearn.data.recordio import RecordIOWriter
 from mlearn.module import DECAYS, EmbeddingModule, HeadConfig, Schedule, ScheduleName
 from mlearn.train_cli import build_cli, describe_run, run_training
 
@@ -64,14 +63,7 @@ OFFICIAL: Dict[str, Dict[str, Any]] = {
 
 
 def write_rec(root: Path, classes: int = 4, per_class: int = 5, size: int = 112) -> Path:
-    rng = np.random.default_rng(0)
-    with RecordIOWriter(root) as writer:
-        for label in range(classes):
-            palette = rng.integers(0, 256, (3, 3, 3))
-            for _ in range(per_class):
-                coarse = np.clip(palette + rng.normal(0, 25, palette.shape), 0, 255).astype(np.uint8)
-                writer.add(cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR), label)
-    return root
+    return write_palette_rec(root, classes, per_class, size)
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import cv2
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from data_utils import write_palette_rec
 from mlearn.data.datamodule import FaceDataModule
-from mlearn.data.recordio import RecordIOWriter
 from mlearn.data.samplers import (
     EpochPermutationSampler,
     EpochSeededDataset,
@@ -31,14 +30,7 @@ CLASSES, PER_CLASS, SIZE, BATCH = 4, 8, 32, 8  # 32 images: 4 batches per epoch
 
 def write_rec(root: Path, classes: int = CLASSES, per_class: int = PER_CLASS, size: int = SIZE) -> Path:
     """A tiny insightface RecordIO set of smooth random colour images (identity = colour palette)."""
-    rng = np.random.default_rng(0)
-    with RecordIOWriter(root) as writer:
-        for label in range(classes):
-            palette = rng.integers(0, 256, (3, 3, 3))
-            for _ in range(per_class):
-                coarse = np.clip(palette + rng.normal(0, 25, palette.shape), 0, 255).astype(np.uint8)
-                writer.add(cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR), label)
-    return root
+    return write_palette_rec(root, classes, per_class, size)
 
 
 @pytest.fixture(scope="module")

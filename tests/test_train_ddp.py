@@ -9,8 +9,6 @@ import socket
 from pathlib import Path
 from typing import Dict
 
-import cv2
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -18,8 +16,8 @@ import torch.multiprocessing as mp
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
+from data_utils import write_palette_rec
 from mlearn.data.datamodule import FaceDataModule
-from mlearn.data.recordio import RecordIOWriter
 
 CLASSES, PER_CLASS, SIZE, WORLD, PER_RANK, STEPS = 5, 8, 16, 2, 4, 4  # 40 images, 5 global batches/epoch
 
@@ -38,14 +36,7 @@ class FlatNet(nn.Module):
 
 
 def write_rec(root: Path) -> Path:
-    rng = np.random.default_rng(1)
-    with RecordIOWriter(root) as writer:
-        for label in range(CLASSES):
-            palette = rng.integers(0, 256, (2, 2, 3))
-            for _ in range(PER_CLASS):
-                coarse = np.clip(palette + rng.normal(0, 30, palette.shape), 0, 255).astype(np.uint8)
-                writer.add(cv2.resize(coarse, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR), label)
-    return root
+    return write_palette_rec(root, CLASSES, PER_CLASS, SIZE, seed=1, grid=2, noise=30.0)
 
 
 def make_module():
