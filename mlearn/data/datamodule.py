@@ -11,14 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlearn.data.corrupt import collate_skip_corrupt
-from mlearn.data.folders import open_dataset
+from mlearn.data.folders import open_dataset, save_run_label_map
 from mlearn.data.samplers import EpochPermutationSampler, EpochSeededDataset
 from mlearn.data.synthetic import make_face_dataset
 from mlearn.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
-LABEL_MAP_FILE = "label_map.json"
 
 
 class FaceDataModule(pl.LightningDataModule):
@@ -102,11 +101,7 @@ class FaceDataModule(pl.LightningDataModule):
         return int(self.dataset.num_classes)
 
     def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        if stage == "fit" and trainer is not None and trainer.is_global_zero:
-            run_dir = Path(trainer.default_root_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.dataset.save_label_map(run_dir / LABEL_MAP_FILE)
+        if save_run_label_map(self.trainer, self.dataset, stage):
             log.info("training set %s: %d images, %d identities", self.train_path, len(self.dataset),
                      self.num_classes)
 

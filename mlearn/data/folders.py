@@ -89,6 +89,21 @@ class IdentityImageDataset(Dataset):
         return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"
 
 
+LABEL_MAP_FILE = "label_map.json"
+
+
+def save_run_label_map(trainer: Any, dataset: Any, stage: str) -> bool:
+    """At fit start on global rank 0: ``dataset.save_label_map(<trainer.default_root_dir>/label_map.json)``.
+
+    Returns True when it was written (the caller then logs the training set once)."""
+    if stage != "fit" or trainer is None or not trainer.is_global_zero:
+        return False
+    run_dir = Path(trainer.default_root_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dataset.save_label_map(run_dir / LABEL_MAP_FILE)
+    return True
+
+
 def load_label_map(path: PathLike) -> Dict[str, int]:
     """Read a label map written by :meth:`IdentityImageDataset.save_label_map` (keys are strings)."""
     with Path(path).open(encoding="utf-8") as f:

@@ -13,10 +13,10 @@ from mlearn.data.audio import SAMPLE_RATE, SpeakerAudioDataset, open_audio_datas
 from mlearn.data.audio_augment import build_augmentation
 from mlearn.data.corrupt import collate_skip_corrupt
 from mlearn.data.fbank import INPUT_SCALE, KaldiFbank
+from mlearn.data.folders import save_run_label_map
 
 log = logging.getLogger(__name__)
 
-LABEL_MAP_FILE = "label_map.json"
 
 
 class SpeakerDataModule(pl.LightningDataModule):
@@ -115,11 +115,7 @@ class SpeakerDataModule(pl.LightningDataModule):
         return int(self.dataset.num_classes)
 
     def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        if stage == "fit" and trainer is not None and trainer.is_global_zero:
-            run_dir = Path(trainer.default_root_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.dataset.save_label_map(run_dir / LABEL_MAP_FILE)
+        if save_run_label_map(self.trainer, self.dataset, stage):
             log.info("training set %s: %d utterances, %d speakers, %d classes (speeds %s), augmentation %s",
                      self.train_path, len(self.dataset), self.dataset.num_speakers, self.num_classes,
                      self.speeds, self.dataset.augment)
