@@ -122,15 +122,21 @@ def test_uint8_output_normalised_later_matches_float(preset: str) -> None:
     as_float = build_transform(preset, image_size=40)(image)
     torch.manual_seed(3)
     as_uint8 = build_transform(preset, image_size=40, output="uint8")(image)
-    assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 40, 40) and as_uint8.is_contiguous()
-    batch = torch.stack([as_uint8, as_uint8])
-    assert torch.allclose(normalize_images(batch)[1], as_float, atol=1e-6)
+    assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (40, 40, 3) and as_uint8.is_contiguous()
+    batch = torch.stack([as_uint8, as_uint8])  # uint8 batches are channels-last, as decoded
+    normalised = normalize_images(batch)
+    assert normalised.shape == (2, 3, 40, 40) and normalised.is_contiguous()
+    assert torch.allclose(normalised[1], as_float, atol=1e-6)
     assert normalize_images(as_float) is as_float
+    with pytest.raises(ValueError, match="channels-last"):
+        normalize_images(torch.zeros(2, 3, 40, 40, dtype=torch.uint8))
     with pytest.raises(ValueError, match="output must be one of"):
         build_transform("eval", output="half")
 
 
-def test_pipeline_transforms_draw_independently():
+@pytest.mark.parametrize("horizontal_last", [False, True])  # True: the flip is fused into the output copy
+@pytest.mark.parametrize("output", ["uint8", "float"])
+def test_pipeline_transforms_draw_independently(horizontal_last: bool, output: str):
     """Two flips at p=0.5 in one pipeline: each applied about half the time, independently (albumentations'
     set_random_seed would give both the same seed, so they would be applied both or neither)."""
     import albumentations as A
@@ -139,10 +145,14 @@ def test_pipeline_transforms_draw_independently():
 
     image = np.zeros((8, 8, 3), np.uint8)
     image[0, 0] = 255  # the marker's corner tells which flips were applied
-    transform = ImageTransform([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)], image_size=8, output="uint8")
+    flips = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    transform = ImageTransform(flips[::-1] if horizontal_last else flips, image_size=8, output=output)
+    assert (transform.flip_p == 0.5) == horizontal_last
     corners = {(0, 0): 0, (0, 7): 0, (7, 0): 0, (7, 7): 0}
     for _ in range(400):
-        out = transform(image)[0].numpy()
+        out = transform(image).numpy()
+        out = out[..., 0] if output == "uint8" else out[0] * 127.5 + 127.5
+        out = np.rint(out)
         corners[tuple(int(v) for v in np.argwhere(out == 255)[0])] += 1
     for count in corners.values():  # none, h only, v only, both: 100 each expected
         assert 60 < count < 140, corners

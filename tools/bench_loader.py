@@ -9,7 +9,7 @@ temporary folder, then measures, in the same run and over the same records:
   dataset[i], no aug     RecordIODataset: positional read + unpack + decode
   dataset[i], standard   ... + flip + normalise to a float32 [3, H, W] tensor (the default output)
   DataLoader w=N         batches through torch's DataLoader with N workers and collate_skip_corrupt
-  ... uint8              the same with ``build_transform(..., output="uint8")``: uint8 [3, H, W]
+  ... uint8              the same with ``build_transform(..., output="uint8")``: uint8 [H, W, 3]
                          tensors, normalised later on the device (not included in the timing)
 
 ``per_worker`` divides images/s by the number of processes doing the work (1 for N=0); ``ratio`` is

@@ -4,11 +4,13 @@ order of FaceDataModule) against a bare JPEG-decode loop, and IResNet-50 + Parti
 Loader rows (same synthetic ``train.rec`` and the same run; helpers from ``bench_loader.py``):
 
   bare cv2 decode          cv2.imdecode of the JPEG bytes already in memory: the reference (ratio 1)
-  DataLoader w=N shuffle   RecordIODataset + ``standard`` augmentation through a plain shuffled DataLoader
-  FaceDataModule w=N       FaceDataModule.train_dataloader(): the same plus the epoch-permutation
-                           sampler and the per-sample augmentation seed (what training uses)
-  ... uint8                the same with uint8_batches: uint8 [B, 3, H, W] batches, normalised later
-                           on the training device (not timed here)
+  DataLoader w=N shuffle   RecordIODataset + ``standard`` augmentation through a plain shuffled DataLoader,
+                           one sample at a time, float32 output, default_collate (the textbook loader)
+  FaceDataModule w=N       FaceDataModule.train_dataloader(), what training uses: the epoch-permutation
+                           sampler, per-sample augmentation seeds, batches assembled in place as uint8
+                           [B, H, W, 3] (normalised later on the training device, not timed here), pooled
+                           shared-memory buffers in workers
+  ... float                the same with uint8_batches=False: float32 [B, 3, H, W] normalised on the CPU
 
 ``per_worker`` is images/s divided by the processes doing the work (1 for N=0); ``ratio`` is
 ``per_worker`` over the bare decode rate (target: FaceDataModule >= 0.8). Medians of ``--repeats``
@@ -45,7 +47,7 @@ from mlearn.data.recordio import RecordIODataset
 from mlearn.data.transforms import build_transform
 
 
-def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = False) -> Callable[[], int]:
+def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = True) -> Callable[[], int]:
     """One pass of FaceDataModule's training loader (workers persist between passes)."""
     data = FaceDataModule(root, batch_size=batch_size, num_workers=workers, augmentation="standard",
                           uint8_batches=uint8)
@@ -76,8 +78,8 @@ def bench_loader(args: argparse.Namespace) -> List[Tuple[str, float, float, floa
         for w in args.workers:
             runs[f"DataLoader w={w} shuffle"] = loader_epoch(augmented, w, args.batch_size)
             runs[f"FaceDataModule w={w}"] = datamodule_epoch(tmp, w, args.batch_size)
-            runs[f"FaceDataModule w={w} uint8"] = datamodule_epoch(tmp, w, args.batch_size, uint8=True)
-            for name in (f"DataLoader w={w} shuffle", f"FaceDataModule w={w}", f"FaceDataModule w={w} uint8"):
+            runs[f"FaceDataModule w={w} float"] = datamodule_epoch(tmp, w, args.batch_size, uint8=False)
+            for name in (f"DataLoader w={w} shuffle", f"FaceDataModule w={w}", f"FaceDataModule w={w} float"):
                 procs[name] = max(w, 1)
         rates = measure(runs, args.repeats)
     base = rates["bare cv2 decode"]

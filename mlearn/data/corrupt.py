@@ -2,7 +2,8 @@
 
 A dataset in non-strict mode returns ``None`` for a sample it cannot read or decode;
 :func:`collate_skip_corrupt` drops those from the batch and reports how many it dropped, so the
-training loop can sum the count and report it at the end of the epoch.
+training loop can sum the count and report it at the end of the epoch. Datasets that assemble whole
+batches themselves return an :class:`ImageBatch`, which the collate function passes through.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import default_collate
+
+from mlearn.data.batches import ImageBatch
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,9 @@ def image_extension(data: bytes) -> str:
     return ".jpg"  # unknown: insightface sets are JPEG; the decoder sniffs the content anyway
 
 
-def collate_skip_corrupt(batch: Sequence[Optional[Tuple[Any, int]]]
-                         ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Collate ``(image, label)`` samples, dropping the ``None`` of corrupt ones.
+def collate_skip_corrupt(batch: Union[ImageBatch, Sequence[Optional[Tuple[Any, int]]]]) -> ImageBatch:
+    """Collate ``(image, label)`` samples, dropping the ``None`` of corrupt ones (an
+    :class:`ImageBatch` a dataset assembled itself is returned as it is).
 
     Returns ``(images [B', ...], labels [B'] int64, num_corrupt)`` with ``B' = B - num_corrupt``.
     Images that are numpy arrays (no transform) are stacked as tensors of their dtype. When every
@@ -69,11 +72,13 @@ def collate_skip_corrupt(batch: Sequence[Optional[Tuple[Any, int]]]
     tensor of shape [0] and ``labels`` an empty int64 tensor; the training step should skip a batch
     with ``labels.numel() == 0``.
     """
+    if isinstance(batch, ImageBatch):
+        return batch
     good: List[Tuple[Any, int]] = [sample for sample in batch if sample is not None]
     num_corrupt = len(batch) - len(good)
     if num_corrupt:
         log.debug("dropped %d corrupt sample(s) from a batch of %d", num_corrupt, len(batch))
     if not good:
-        return torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.long), num_corrupt
+        return ImageBatch(torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.long), num_corrupt)
     images, labels = default_collate(good)
-    return images, torch.as_tensor(labels, dtype=torch.long), num_corrupt
+    return ImageBatch(images, torch.as_tensor(labels, dtype=torch.long), num_corrupt)

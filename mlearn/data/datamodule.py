@@ -44,8 +44,10 @@ class FaceDataModule(pl.LightningDataModule):
         strict: raise on a corrupt sample instead of skipping and counting it.
         synthetic: keyword arguments of :func:`mlearn.data.synthetic.make_face_dataset`.
         seed: seed of the sample order and of the augmentations.
-        uint8_batches: ship uint8 [B, 3, S, S] batches (4x less memory traffic between processes)
-            that the module normalises on the training device, instead of float32 ones.
+        uint8_batches: ship the images as decoded, uint8 [B, S, S, 3] (4x less memory traffic, no
+            per-image transpose on the CPU), normalised and made channels-first by the module on the
+            training device (:func:`mlearn.data.transforms.normalize_images`); ``False``: float32
+            [B, 3, S, S] normalised on the CPU.
         pin_memory: page-locked batches for faster host-to-GPU copies.
     """
 
@@ -60,7 +62,7 @@ class FaceDataModule(pl.LightningDataModule):
         strict: bool = False,
         synthetic: Optional[Dict[str, int]] = None,
         seed: int = 0,
-        uint8_batches: bool = False,
+        uint8_batches: bool = True,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()

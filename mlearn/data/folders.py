@@ -6,6 +6,8 @@ label -> index), ``num_classes``, and ``__getitem__(i) -> (image, label)`` where
 transform's output or, without a transform, uint8 [H, W, 3] RGB. A sample that cannot be read or
 decoded gives ``None`` (``strict=False``, logged at debug level; pair with
 :func:`mlearn.data.corrupt.collate_skip_corrupt`) or raises :class:`CorruptSampleError` (``strict=True``).
+:meth:`IdentityImageDataset.load_batch` assembles a whole batch in place (what
+:class:`mlearn.data.samplers.EpochSeededDataset` hands a DataLoader).
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
+from mlearn.data.batches import BatchAllocator, ImageBatch
 from mlearn.data.corrupt import CorruptSampleError, decode_image
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ class IdentityImageDataset(Dataset):
         self.strict = strict
         self.labels: np.ndarray = np.zeros(0, dtype=np.int64)
         self.label_map: Dict[Hashable, int] = {}
+        self.batch_allocator = BatchAllocator()
 
     @property
     def num_classes(self) -> int:
@@ -58,21 +63,68 @@ class IdentityImageDataset(Dataset):
         """Where sample ``index`` lives (file path, or record key and file), for messages."""
         raise NotImplementedError
 
+    def read_many(self, indices: Sequence[int]) -> List[Optional[bytes]]:
+        """The encoded images of ``indices``; ``None`` for an unreadable one (raised when ``strict``)."""
+        return [self._unless_corrupt(index, self.read_bytes, index) for index in indices]
+
     def load_image(self, index: int) -> np.ndarray:
         """Decode sample ``index``: uint8 [H, W, 3] RGB; raises :class:`CorruptSampleError`."""
         return decode_image(self.read_bytes(index), lambda: self.describe(index))
 
-    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+    def _decode(self, index: int, data: bytes) -> np.ndarray:
+        return decode_image(data, lambda: self.describe(index))
+
+    def _unless_corrupt(self, index: int, read: Callable[..., Any], *args: Any) -> Any:
+        """``read(*args)`` for sample ``index``; ``None`` if the sample is corrupt (raised when ``strict``)."""
         try:
-            image = self.load_image(index)
+            return read(*args)
         except CorruptSampleError as exc:
             if self.strict:
                 raise
             log.debug("skipping corrupt sample %d: %s", index, exc)
             return None
+
+    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+        image = self._unless_corrupt(index, self.load_image, index)
+        if image is None:
+            return None
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
+
+    def load_batch(self, indices: Sequence[int], before_each: Optional[Callable[[int], None]] = None
+                   ) -> Union[ImageBatch, List[Optional[Tuple[Any, int]]]]:
+        """Samples ``indices`` as one batch; ``before_each(j)`` runs before the j-th sample's transform.
+
+        With a transform that writes in place (``fill_batch`` and ``sample_shape``/``sample_dtype``, as
+        :class:`~mlearn.data.transforms.ImageTransform`) the images are decoded and transformed straight
+        into one preallocated batch (in a DataLoader worker, a reused shared-memory buffer
+        of :class:`~mlearn.data.batches.BatchAllocator`): an :class:`ImageBatch` of
+        ``[B', *transform.sample_shape]`` images, the corrupt samples dropped and counted. Other
+        transforms give the list of ``self[i]`` for :func:`collate_skip_corrupt`.
+        """
+        transform = self.transform
+        if getattr(transform, "fill_batch", None) is None or getattr(transform, "sample_shape", None) is None:
+            samples = []
+            for position, index in enumerate(indices):
+                if before_each is not None:
+                    before_each(position)
+                samples.append(self[index])
+            return samples
+        # in phases (read all, decode all, transform all): interleaving Python work with the decoder
+        # slows the decoder itself down by more than that work costs (caches, branch predictors)
+        encoded = self.read_many(indices)
+        decoded = [None if data is None else self._unless_corrupt(index, self._decode, index, data)
+                   for index, data in zip(indices, encoded)]
+        del encoded
+        positions = [j for j, image in enumerate(decoded) if image is not None]
+        images, buffer_slot = self.batch_allocator.allocate((len(indices), *transform.sample_shape),
+                                                            transform.sample_dtype)
+        good = [decoded[j] for j in positions]
+        transform.fill_batch(good, images.numpy()[:len(good)],
+                             None if before_each is None else (lambda j: before_each(positions[j])))
+        labels = torch.from_numpy(self.labels[np.asarray([indices[j] for j in positions], dtype=np.int64)])
+        return self.batch_allocator.batch(images[:len(good)], labels, len(indices) - len(good), buffer_slot)
 
     def save_label_map(self, path: PathLike) -> None:
         """Write ``label_map`` as JSON ``{original label: index}`` (keys as strings)."""

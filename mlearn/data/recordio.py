@@ -41,6 +41,7 @@ _LEN_MASK = (1 << 29) - 1
 _IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24
 _BIG_SPAN = 1 << 22  # spans larger than this (gaps in the index) are read header-first
+_FRAMED_IR = struct.Struct("<II" + _IR_FORMAT[1:])  # a whole record's frame word pair + its IRHeader
 
 
 class IRHeader(NamedTuple):
@@ -264,6 +265,40 @@ class RecordIOReader:
 
     def where(self, key: int) -> str:
         return f"record {key} of {self.rec_path}"
+
+    def read_span(self, key: int) -> Optional[bytes]:
+        """:meth:`read_spans` of one key."""
+        pos = self._position(key)
+        if pos is None or self.spans[pos] > _BIG_SPAN:
+            return None
+        try:
+            return self._pread(int(self.offsets[pos]), int(self.spans[pos]))
+        except OSError:
+            return None
+
+    def read_spans(self, keys: Sequence[int]) -> List[Optional[bytes]]:
+        """For each key, the raw bytes from its record's offset to the next record's (frame included,
+        unparsed): one positional read each. ``None`` for an unknown key, a span over 4 MiB or a failed
+        read (:meth:`read` then gives the data or the error)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._contiguous:
+            pos = keys
+            known = (keys >= 0) & (keys < len(self.keys))
+        else:
+            pos = np.searchsorted(self.keys, keys)
+            known = pos < len(self.keys)
+            known[known] = self.keys[pos[known]] == keys[known]
+        pos = np.where(known, pos, 0)
+        sizes = self.spans[pos] if len(self.keys) else np.zeros(len(keys), dtype=np.int64)
+        offsets = self.offsets[pos] if len(self.keys) else sizes
+        readable = known & (sizes <= _BIG_SPAN)
+        out: List[Optional[bytes]] = []
+        for ok, offset, size in zip(readable.tolist(), offsets.tolist(), sizes.tolist()):
+            try:
+                out.append(self._pread(offset, size) if ok else None)
+            except OSError:
+                out.append(None)
+        return out
 
     def read(self, key: int, prefix: Optional[int] = None) -> bytes:
         """The data of record ``key`` (multi-part records joined). Raises ``KeyError`` for an unknown
@@ -579,5 +614,23 @@ class RecordIODataset(IdentityImageDataset):
         return unpack(self.reader.read(key), lambda: self.reader.where(key))
 
     def read_bytes(self, index: int) -> bytes:
-        return self.read_record(index)[1]
+        data = _single_part_payload(self.reader.read_span(int(self.image_keys[index])))
+        return data if data is not None else self.read_record(index)[1]
 
+    def read_many(self, indices: Sequence[int]) -> List[Optional[bytes]]:
+        spans = self.reader.read_spans(self.image_keys[np.asarray(indices, dtype=np.int64)])
+        payloads = [_single_part_payload(span) for span in spans]
+        return [data if data is not None else self._unless_corrupt(index, self.read_bytes, index)
+                for index, data in zip(indices, payloads)]
+
+
+def _single_part_payload(span: Optional[bytes]) -> Optional[bytes]:
+    """The encoded image of a raw record span in the layout of nearly every record (one part, IRHeader
+    flag 0: a scalar label); ``None`` for anything else (parsed by the general path)."""
+    if span is None or len(span) < _FRAMED_IR.size:
+        return None
+    magic, lrec, flag = _FRAMED_IR.unpack_from(span)[:3]
+    end = 8 + (lrec & _LEN_MASK)
+    if magic == MAGIC and lrec >> 29 == 0 and flag == 0 and _FRAMED_IR.size <= end <= len(span):
+        return span[_FRAMED_IR.size:end]
+    return None

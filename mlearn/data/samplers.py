@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset, DistributedSampler
@@ -125,11 +125,67 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (high << 64) | _mix64(high ^ 0x5851F42D4C957F2D)
 
 
+def _mix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`_mix64` of every element of a uint64 array (numpy's uint64 arithmetic wraps mod 2^64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epochs: Sequence[int], indices: Sequence[int]) -> List[int]:
+    """:func:`sample_seed` of many ``(epoch, index)`` pairs at once (vectorised; the same numbers)."""
+    epoch = np.asarray(epochs, dtype=np.int64).astype(np.uint64)
+    index = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    high = _mix64_array(np.uint64(int(seed) & _MASK64) ^ _mix64_array(epoch ^ _mix64_array(index)))
+    low = _mix64_array(high ^ np.uint64(0x5851F42D4C957F2D))
+    return [(h << 64) | l for h, l in zip(high.tolist(), low.tolist())]
+
+
+class GeneratorRandom(random.Random):
+    """A ``random.Random`` drawing from a numpy ``Generator``: re-seeding the generator re-seeds it too.
+
+    albumentations draws from a Python ``Random`` and a numpy ``Generator``; seeding a Mersenne Twister
+    for every sample costs ~7 us (a 624-word state), setting a PCG64 state ~2 us. ``random()`` and
+    ``getrandbits()`` are the two primitives every other ``Random`` method is built on.
+    """
+
+    def __init__(self, generator: np.random.Generator) -> None:
+        self.generator = generator
+        super().__init__()
+
+    def seed(self, *args: Any, **kwargs: Any) -> None:
+        """Only clears the cached second ``gauss()`` value: the draws follow ``generator``, seed that."""
+        self.gauss_next = None
+
+    def random(self) -> float:
+        return float(self.generator.random())
+
+    def getrandbits(self, k: int) -> int:
+        if k < 0:
+            raise ValueError("number of bits must be non-negative")
+        words = [int(w) for w in self.generator.bit_generator.random_raw((k + 63) // 64)] if k else []
+        value = 0
+        for word in words:
+            value = (value << 64) | word
+        return value >> (64 * len(words) - k)
+
+    def getstate(self) -> Any:
+        return self.generator.bit_generator.state, self.gauss_next
+
+    def setstate(self, state: Any) -> None:
+        self.generator.bit_generator.state, self.gauss_next = state
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # pickled with its generator (the same object as a sibling reference)
+        return type(self), (self.generator,), self.getstate()
+
+
 def seed_generators(numpy_generator: np.random.Generator, python_random: random.Random, value: int) -> None:
     """Re-seed a PCG64 numpy generator and a Python ``Random`` in place from the 128-bit ``value``.
 
     Sets the PCG64 state directly (no ``SeedSequence``: a few microseconds per sample instead of tens);
-    distinct values start the stream at unrelated points of its 2^128 cycle.
+    distinct values start the stream at unrelated points of its 2^128 cycle. A :class:`GeneratorRandom`
+    over ``numpy_generator`` follows it (its ``seed`` only drops its cached ``gauss`` value).
     """
     numpy_generator.bit_generator.state = {"bit_generator": "PCG64",
                                            "state": {"state": value, "inc": _PCG_INCREMENT},
@@ -137,47 +193,71 @@ def seed_generators(numpy_generator: np.random.Generator, python_random: random.
     python_random.seed(value)
 
 
+def new_generators() -> Tuple[np.random.Generator, random.Random]:
+    """A PCG64 numpy generator and a :class:`GeneratorRandom` over it, to be seeded by :func:`seed_generators`."""
+    generator = np.random.Generator(np.random.PCG64(0))
+    return generator, GeneratorRandom(generator)
+
+
 def sample_generators(seed: int, epoch: int, index: int) -> Tuple[np.random.Generator, random.Random]:
     """New numpy and Python generators for one sample of one epoch: a pure function of its inputs, the
     same streams :class:`EpochSeededDataset` gives the sample's augmentation."""
-    generators = (np.random.Generator(np.random.PCG64(0)), random.Random(0))
+    generators = new_generators()
     seed_generators(*generators, sample_seed(seed, epoch, index))
     return generators
 
 
 def reseed_transform(transform: Any, generators: Tuple[np.random.Generator, random.Random]) -> bool:
-    """Make the albumentations pipeline of ``transform`` draw from ``generators`` (shared by all its
-    transforms); returns False when ``transform`` has none.
+    """Make the augmentations of ``transform`` draw from ``generators`` (shared by all of them); returns
+    False when ``transform`` draws nothing.
 
-    Handles :class:`mlearn.data.transforms.ImageTransform` (its ``pipeline``) and a bare
-    ``albumentations.Compose``. ``set_random_state``, not ``set_random_seed``: the latter gives every
-    transform of the pipeline its own generator from the SAME seed, so all their first draws coincide
-    (a flip and a crop applied together or not at all).
+    Handles :class:`mlearn.data.transforms.ImageTransform` and a bare ``albumentations.Compose``.
+    ``set_random_state``, not ``set_random_seed``: the latter gives every transform of the pipeline its
+    own generator from the SAME seed, so all their first draws coincide (a flip and a crop applied
+    together or not at all).
     """
-    pipeline = getattr(transform, "pipeline", transform)
-    if getattr(pipeline, "set_random_state", None) is None:
+    if getattr(transform, "set_random_state", None) is None or not getattr(transform, "draws_randomly", True):
         return False
-    if getattr(pipeline, "random_generator", None) is not generators[0]:
-        transform.set_random_state(*generators)  # ImageTransform's (which also stops its own seeding) or Compose's
+    if getattr(transform, "random_generator", None) is not generators[0]:
+        transform.set_random_state(*generators)
     return True
 
 
 class EpochSeededDataset(Dataset):
     """``dataset[(index, epoch)]`` -> ``dataset[index]``, its augmentation (``dataset.transform``) drawing
-    from the streams of :func:`sample_generators` ``(seed, epoch, index)``."""
+    from the streams of :func:`sample_generators` ``(seed, epoch, index)``.
+
+    A DataLoader fetches whole batches through :meth:`__getitems__`: with a dataset that has
+    ``load_batch`` (:class:`mlearn.data.folders.IdentityImageDataset`) the batch is assembled in place
+    (:class:`mlearn.data.batches.ImageBatch`), with the same images as per-sample loading.
+    """
 
     def __init__(self, dataset: Any, seed: int = 0) -> None:
         self.dataset = dataset
         self.seed = int(seed)
         # re-seeded in place for every sample (each worker process has its own copy)
-        self.generators = (np.random.Generator(np.random.PCG64(0)), random.Random(0))
+        self.generators = new_generators()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _draws_randomly(self) -> bool:
+        """Points the dataset's augmentation at ``self.generators``; False when it has none."""
+        transform: Optional[Any] = getattr(self.dataset, "transform", None)
+        return transform is not None and reseed_transform(transform, self.generators)
+
     def __getitem__(self, key: SampleKey) -> Any:
         index, epoch = key
-        transform: Optional[Any] = getattr(self.dataset, "transform", None)
-        if transform is not None and reseed_transform(transform, self.generators):
+        if self._draws_randomly():
             seed_generators(*self.generators, sample_seed(self.seed, epoch, index))
         return self.dataset[index]
+
+    def __getitems__(self, keys: Sequence[SampleKey]) -> Any:
+        load_batch = getattr(self.dataset, "load_batch", None)
+        if load_batch is None:
+            return [self[key] for key in keys]
+        indices = [index for index, _ in keys]
+        if not self._draws_randomly():
+            return load_batch(indices)
+        seeds, generators = sample_seeds(self.seed, [epoch for _, epoch in keys], indices), self.generators
+        return load_batch(indices, lambda position: seed_generators(*generators, seeds[position]))

@@ -1,8 +1,9 @@
 """Image augmentation with albumentations, chosen by name (a preset) or as a YAML list.
 
 Every transform built here maps a uint8 [H, W, 3] RGB image to a float32 tensor [3, S, S]
-normalised as ``(x - 127.5) / 127.5`` (range [-1, 1]); images whose size differs from
-``image_size`` are resized first. Presets:
+normalised as ``(x - 127.5) / 127.5`` (range [-1, 1]), or with ``output="uint8"`` to the uint8
+[S, S, 3] image that :func:`normalize_images` normalises later on the device; images whose size
+differs from ``image_size`` are resized first. Presets:
 
 - ``standard``: horizontal flip (p=0.5), as arcface_torch.
 - ``eval``: no augmentation.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 import os
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import albumentations as A
 import cv2
@@ -135,50 +136,69 @@ def low_quality_preset(crop_p: float = 0.2, low_res_p: float = 0.2, photometric_
     ]
 
 
+def normalize_into(image: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
+    """uint8 (or float in [0, 255]) [H, W, 3] -> ``out`` float32 [3, H, W] as ``(x - 127.5) / 127.5``,
+    mirrored left-right when ``flip``."""
+    out[...] = (image[:, ::-1] if flip else image).transpose(2, 0, 1)
+    out -= 127.5
+    out *= 1 / 127.5
+
+
 def to_normalized_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (or float in [0, 255]) [H, W, 3] -> float32 tensor [3, H, W] as ``(x - 127.5) / 127.5``."""
     chw = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
-    chw[...] = image.transpose(2, 0, 1)
-    chw -= 127.5
-    chw *= 1 / 127.5
+    normalize_into(image, chw)
     return torch.from_numpy(chw)
 
 
-def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> contiguous uint8 tensor [3, H, W], to be normalised later on the device."""
+def copy_uint8_into(image: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
+    """[H, W, 3] image -> ``out`` uint8 [H, W, 3] (float input clipped to [0, 255]), mirrored when ``flip``."""
     if image.dtype != np.uint8:
         image = np.clip(image, 0, 255).astype(np.uint8)
-    chw = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.uint8)
-    # cv2.split de-interleaves straight into the planes of chw: about twice as fast as numpy's transposed copy
-    cv2.split(np.ascontiguousarray(image), list(chw))
-    return torch.from_numpy(chw)
+    if flip:
+        cv2.flip(image, 1, out)  # writes into out: the mirror and the copy in one pass
+    else:
+        out[...] = image
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 ``(x - 127.5) / 127.5``; float input is returned unchanged.
+    """uint8 [..., H, W, 3] (channels last, as decoded) -> float32 [..., 3, H, W] ``(x - 127.5) / 127.5``;
+    float input is returned unchanged.
 
-    The device-side half of ``output="uint8"`` transforms: batches travel from the DataLoader
-    workers as uint8 (4x less memory traffic) and are normalised on the GPU.
+    The device-side half of ``output="uint8"`` transforms: batches travel from the DataLoader workers
+    as decoded uint8 (4x less memory traffic, no per-image transpose on the CPU) and are normalised
+    and made channels-first on the training device.
     """
     if images.dtype != torch.uint8:
         return images
-    return images.to(torch.float32).sub_(127.5).div_(127.5)
+    if images.dim() < 3 or images.shape[-1] != 3:
+        raise ValueError(f"uint8 images must be channels-last [..., H, W, 3], got shape {tuple(images.shape)}")
+    channels_first = images.movedim(-1, -3)
+    out = torch.empty(channels_first.shape, dtype=torch.float32, device=images.device)
+    return out.copy_(channels_first).sub_(127.5).div_(127.5)
 
 
 OUTPUTS = ("float", "uint8")
 
 
 class ImageTransform:
-    """Resize (when needed) -> albumentations augmentations -> tensor [3, S, S].
+    """Resize (when needed) -> albumentations augmentations -> tensor.
 
-    ``output="float"``: float32 normalised to [-1, 1]. ``output="uint8"``: uint8 in [0, 255], to be
-    normalised on the device with :func:`normalize_images` (cheaper to collate and ship between
-    processes; see ``evaluation/BENCHMARKS.md``).
+    ``output="float"``: float32 [3, S, S] normalised to [-1, 1]. ``output="uint8"``: uint8 [S, S, 3]
+    (channels last, as decoded), to be normalised on the device with :func:`normalize_images`
+    (cheaper to batch and to ship between processes; see ``evaluation/BENCHMARKS.md``).
+    :meth:`fill` writes the result into a slot of a preallocated batch instead
+    (:meth:`mlearn.data.folders.IdentityImageDataset.load_batch`); ``sample_shape``/``sample_dtype``
+    describe that slot.
 
-    The albumentations pipeline is re-seeded once in every process from ``torch.initial_seed()``
-    (see :meth:`set_random_state`):
-    DataLoader workers are forked with identical generator states, and without this every worker
-    would draw the same augmentations.
+    A trailing ``HorizontalFlip`` (the whole ``standard`` preset) is not run through albumentations:
+    it is drawn with the same probability from the pipeline's Python generator and applied while
+    writing the output, which saves a copy of the image and albumentations' per-call overhead.
+
+    The augmentations draw from one numpy and one Python generator (:meth:`set_random_state`), seeded
+    once in every process from ``torch.initial_seed()`` unless set explicitly: DataLoader workers are
+    forked with identical generator states, and without this every worker would draw the same
+    augmentations.
     """
 
     def __init__(self, augmentations: Sequence[Any] = (), image_size: Union[int, Tuple[int, int]] = 112,
@@ -187,12 +207,31 @@ class ImageTransform:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.augmentations = list(augmentations)
-        self.pipeline = A.Compose(self.augmentations) if self.augmentations else None
+        rest = self.augmentations
+        self.flip_p = 0.0
+        if rest and type(rest[-1]) is A.HorizontalFlip:
+            rest, self.flip_p = rest[:-1], float(rest[-1].p)
+        self.pipeline = A.Compose(rest) if rest else None
+        self.draws_randomly = self.pipeline is not None or self.flip_p > 0
         self.output = output
-        self._to_tensor = to_normalized_tensor if output == "float" else to_uint8_tensor
+        if output == "float":
+            self.sample_shape, self.sample_dtype, self._write = (3, *self.size), torch.float32, normalize_into
+        else:
+            self.sample_shape, self.sample_dtype, self._write = (*self.size, 3), torch.uint8, copy_uint8_into
+        self.random_generator: Any = None
+        self._python_random: Any = None
         self._seeded_pid = -1
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def _ensure_seeded(self) -> None:
+        if self._seeded_pid != os.getpid():
+            seed = torch.initial_seed() % 2**32
+            self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def _draw_flip(self) -> bool:
+        return self.flip_p > 0 and self._python_random.random() < self.flip_p
+
+    def _augment(self, image: np.ndarray) -> Tuple[np.ndarray, bool]:
+        """Resize and run the pipeline; returns the image and whether to mirror it."""
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a [H, W, 3] RGB numpy image, got "
                              f"{type(image).__name__} {getattr(image, 'shape', '')}")
@@ -200,21 +239,67 @@ class ImageTransform:
             shrink = image.shape[0] > self.size[0]
             image = cv2.resize(image, (self.size[1], self.size[0]),
                                interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        if not self.draws_randomly:
+            return image, False
+        self._ensure_seeded()
         if self.pipeline is not None:
-            if self._seeded_pid != os.getpid():
-                seed = torch.initial_seed() % 2**32
-                self.set_random_state(np.random.default_rng(seed), random.Random(seed))
             image = self.pipeline(image=image)["image"]
-        return self._to_tensor(image)
+        return image, self._draw_flip()
+
+    def augment(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] RGB -> resized and augmented [S, S, 3] (before normalisation)."""
+        image, flip = self._augment(image)
+        return np.ascontiguousarray(image[:, ::-1]) if flip else image
+
+    def fill(self, image: np.ndarray, out: np.ndarray) -> None:
+        """Transform ``image`` into ``out``, a numpy array of ``sample_shape`` and ``sample_dtype``."""
+        image, flip = self._augment(image)
+        self._write(image, out, flip)
+
+    def fill_batch(self, images: Sequence[np.ndarray], out: np.ndarray,
+                   before_each: Optional[Callable[[int], None]] = None) -> None:
+        """:meth:`fill` of ``images[j]`` into ``out[j]`` for every j (the same results; ``before_each(j)``
+        runs first, e.g. to seed the sample's draws). Without an albumentations pipeline (``standard``,
+        ``eval``) and with images of the right size, the batch is copied (and normalised) in one pass
+        after drawing the flips."""
+        expected = (*self.size, 3)
+        if self.pipeline is not None or any(im.shape != expected or im.dtype != np.uint8 for im in images):
+            for j, image in enumerate(images):
+                if before_each is not None:
+                    before_each(j)
+                self.fill(image, out[j])
+            return
+        if self.flip_p > 0:
+            self._ensure_seeded()
+            flipped = []
+            for j, image in enumerate(images):
+                if before_each is not None:
+                    before_each(j)
+                flipped.append(cv2.flip(image, 1) if self._draw_flip() else image)
+            images = flipped
+        if not len(images):
+            return
+        if self.output == "uint8":
+            np.stack(images, out=out)
+        else:
+            out[...] = np.stack(images).transpose(0, 3, 1, 2)
+            out -= 127.5
+            out *= 1 / 127.5
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        out = torch.empty(self.sample_shape, dtype=self.sample_dtype)
+        self.fill(image, out.numpy())
+        return out
 
     def set_random_state(self, numpy_generator: np.random.Generator, python_random: random.Random) -> None:
-        """Make every augmentation of the pipeline draw from these two shared generators.
+        """Make every augmentation draw from these two shared generators.
 
         Not albumentations' ``set_random_seed``: that gives each transform its own generator from the
         same seed, so their first draws coincide (two flips applied both or neither, every time).
         """
-        if self.pipeline is not None and hasattr(self.pipeline, "set_random_state"):
+        if self.pipeline is not None:
             self.pipeline.set_random_state(numpy_generator, python_random)
+        self.random_generator, self._python_random = numpy_generator, python_random
         self._seeded_pid = os.getpid()
 
     def __repr__(self) -> str:
@@ -251,7 +336,7 @@ def build_transform(spec: AugmentationSpec = "standard", image_size: Union[int, 
     """Build the image transform: a preset name (see :func:`list_augmentations`) or a list of
     ``{name: AlbumentationsClass, **arguments}`` mappings. Maps uint8 [H, W, 3] RGB to float32
     [3, S, S] in [-1, 1]; normalisation and tensor conversion are always appended. With
-    ``output="uint8"`` it returns uint8 [3, S, S] and :func:`normalize_images` normalises later."""
+    ``output="uint8"`` it returns uint8 [S, S, 3] and :func:`normalize_images` normalises later."""
     if isinstance(spec, str):
         augmentations = PRESETS.build(spec)
     elif isinstance(spec, Sequence):

@@ -1,0 +1,211 @@
+"""Batches assembled in place (``load_batch`` / ``EpochSeededDataset.__getitems__``), pooled shared-memory
+buffers of DataLoader workers, the fused trailing flip, and the cheap per-sample generators behind them."""
+from __future__ import annotations
+
+import pickle
+import random
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing  # noqa: F401 - registers the shared-memory reductions with ForkingPickler
+from torch.utils.data import DataLoader
+
+from data_utils import write_palette_rec
+from mlearn.data import batches
+from mlearn.data.batches import BatchAllocator, ImageBatch, PooledImageBatch
+from mlearn.data.corrupt import collate_skip_corrupt
+from mlearn.data.datamodule import FaceDataModule
+from mlearn.data.recordio import RecordIODataset, RecordIOWriter
+from mlearn.data.samplers import (
+    EpochSeededDataset,
+    GeneratorRandom,
+    new_generators,
+    sample_seed,
+    sample_seeds,
+    seed_generators,
+)
+from mlearn.data.transforms import ImageTransform, build_transform, normalize_images
+
+SIZE = 24
+
+
+@pytest.fixture(scope="module")
+def rec_with_corrupt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 images of 4 identities, record 6 (dataset index 5) not a decodable JPEG."""
+    root = tmp_path_factory.mktemp("rec")
+    rng = np.random.default_rng(0)
+    with RecordIOWriter(root) as writer:
+        for i in range(20):
+            if i == 5:
+                writer.add(b"\xff\xd8\xff\xe0 not a jpeg at all", i // 5)
+                continue
+            coarse = rng.integers(0, 256, (3, 3, 3)).astype(np.uint8)
+            writer.add(cv2.resize(coarse, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR), i // 5)
+    return root
+
+
+@pytest.mark.parametrize("output", ["float", "uint8"])
+@pytest.mark.parametrize("augmentation", ["standard", "low_quality", "eval"])
+def test_batch_assembled_in_place_equals_per_sample_loading(rec_with_corrupt: Path, output: str,
+                                                            augmentation: str) -> None:
+    dataset = RecordIODataset(rec_with_corrupt, transform=build_transform(augmentation, SIZE, output=output))
+    seeded = EpochSeededDataset(dataset, seed=11)
+    keys = [(i, 3) for i in (7, 5, 0, 19, 12, 3)]
+    batch = seeded.__getitems__(keys)
+    assert type(batch) is ImageBatch and collate_skip_corrupt(batch) is batch
+    reference = collate_skip_corrupt([seeded[key] for key in keys])
+    assert batch.num_corrupt == reference.num_corrupt == 1
+    assert batch.labels.tolist() == reference.labels.tolist() == [1, 0, 3, 2, 0]
+    expected_shape = (5, 3, SIZE, SIZE) if output == "float" else (5, SIZE, SIZE, 3)
+    assert batch.images.shape == expected_shape and batch.images.dtype == reference.images.dtype
+    torch.testing.assert_close(batch.images, reference.images, rtol=0, atol=0)
+
+
+def test_all_corrupt_batch_and_strict_mode(rec_with_corrupt: Path) -> None:
+    dataset = RecordIODataset(rec_with_corrupt, transform=build_transform("standard", SIZE, output="uint8"))
+    batch = EpochSeededDataset(dataset).__getitems__([(5, 0), (5, 1)])
+    assert batch.num_corrupt == 2 and batch.labels.numel() == 0 and batch.images.shape[0] == 0
+    strict = RecordIODataset(rec_with_corrupt, transform=build_transform("standard", SIZE), strict=True)
+    with pytest.raises(Exception, match=r"record 6 of .*train\.rec"):
+        EpochSeededDataset(strict).__getitems__([(4, 0), (5, 0)])
+
+
+def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Path) -> None:
+    """Two workers, every batch of two epochs kept alive at once: pooled buffers are reused (the pool is
+    small) and still no kept batch changes; the stream equals the in-process one."""
+    write_palette_rec(tmp_path, classes=6, per_class=16, size=SIZE)
+
+    def epochs(workers: int) -> list:
+        data = FaceDataModule(str(tmp_path), batch_size=8, num_workers=workers, image_size=SIZE)
+        loader = data.train_dataloader()
+        kept = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            kept += list(loader)
+        return kept
+
+    in_process, with_workers = epochs(0), epochs(2)
+    assert len(in_process) == len(with_workers) == 24
+    for a, b in zip(in_process, with_workers):
+        assert type(b) is ImageBatch and b.images.dtype == torch.uint8 and not b.images.is_shared()
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+        torch.testing.assert_close(a.labels, b.labels)
+
+
+def test_pooled_batch_arrives_as_a_copy_and_frees_its_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batches, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    allocator = BatchAllocator(capacity=2)
+    first, slot0 = allocator.allocate((3, 4, 4, 3), torch.uint8)
+    second, slot1 = allocator.allocate((3, 4, 4, 3), torch.uint8)
+    third, slot2 = allocator.allocate((3, 4, 4, 3), torch.uint8)
+    assert (slot0, slot1, slot2) == (0, 1, -1) and first.is_shared()  # both in flight: a fresh buffer
+    assert third.is_shared() and third.shape == (3, 4, 4, 3)
+    first.fill_(7)
+    sent = allocator.batch(first[:2], torch.tensor([1, 2]), 1, slot0)
+    assert isinstance(sent, PooledImageBatch)
+    received = pickle.loads(ForkingPickler.dumps(sent))  # as a worker's queue sends it: shared tensors by handle
+    assert type(received) is ImageBatch and received.num_corrupt == 1 and received.labels.tolist() == [1, 2]
+    assert received.images.shape == (2, 4, 4, 3) and received.images.data_ptr() != first.data_ptr()
+    reused, slot = allocator.allocate((3, 4, 4, 3), torch.uint8)
+    assert slot == slot0 and reused.data_ptr() == first.data_ptr()  # freed by the receipt, reused
+    reused.fill_(0)
+    assert received.images.eq(7).all()
+    assert type(allocator.batch(third, torch.tensor([0, 0, 0]), 0, slot2)) is ImageBatch
+    assert pickle.loads(pickle.dumps(allocator)).allocate((1, 2), torch.uint8)[1] == 0  # a fresh pool
+    floats, slot = BatchAllocator(capacity=1).allocate((2, 3, 5, 5), torch.float32)
+    assert slot == 0 and floats.dtype == torch.float32 and floats.shape == (2, 3, 5, 5) and floats.is_contiguous()
+
+
+@pytest.mark.parametrize("output", ["float", "uint8"])
+def test_trailing_flip_is_fused_into_the_output_copy(output: str) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    always = ImageTransform([A.HorizontalFlip(p=1.0)], SIZE, output=output)
+    never = ImageTransform([A.HorizontalFlip(p=0.0)], SIZE, output=output)
+    assert always.pipeline is None and always.flip_p == 1.0 and always.draws_randomly
+    plain = ImageTransform([], SIZE, output=output)
+    assert not plain.draws_randomly
+    torch.testing.assert_close(always(image), plain(np.ascontiguousarray(image[:, ::-1])), rtol=0, atol=0)
+    torch.testing.assert_close(never(image), plain(image), rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(always.augment(image)), torch.from_numpy(image[:, ::-1].copy()))
+    half = ImageTransform([A.HorizontalFlip(p=0.5)], SIZE, output=output)
+    half.set_random_state(*new_generators())
+    flipped = sum(not torch.equal(half(image), plain(image)) for _ in range(400))
+    assert 150 < flipped < 250
+
+
+def test_normalize_images_makes_channels_first_float() -> None:
+    hwc = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    out = normalize_images(hwc)
+    assert out.shape == (2, 3, 5, 7) and out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out, (hwc.permute(0, 3, 1, 2).float() - 127.5) / 127.5)
+
+
+def test_vectorised_sample_seeds_equal_the_scalar_hash() -> None:
+    indices = [0, 1, 2, 12345, 2**31 + 7, 2**40, 2**62]
+    epochs = [0, 1, 7, 3, 2**20, 5, 0]
+    for seed in (0, 2048, 2**63 + 11, -1):
+        assert sample_seeds(seed, epochs, indices) == [sample_seed(seed, e, i) for e, i in zip(epochs, indices)]
+
+
+def test_generator_random_follows_its_numpy_generator() -> None:
+    numpy_generator, python_random = new_generators()
+    assert isinstance(python_random, GeneratorRandom)
+
+    def draws() -> list:
+        return [python_random.random(), python_random.randint(3, 9), python_random.getrandbits(100),
+                python_random.choice("abcdef"), python_random.gauss(0.0, 1.0), python_random.uniform(-2, 2)]
+
+    seed_generators(numpy_generator, python_random, sample_seed(1, 2, 3))
+    first = draws()
+    python_random.gauss(0.0, 1.0)  # leaves a cached second normal deviate behind
+    seed_generators(numpy_generator, python_random, sample_seed(1, 2, 3))
+    assert draws() == first  # re-seeding the numpy generator re-seeds everything (cache dropped)
+    seed_generators(numpy_generator, python_random, sample_seed(1, 2, 4))
+    assert draws() != first
+    state = python_random.getstate()
+    after = draws()
+    python_random.setstate(state)
+    assert draws() == after
+    values = [python_random.randint(0, 9) for _ in range(5000)]
+    assert set(values) == set(range(10)) and abs(np.mean(values) - 4.5) < 0.2
+    bits = [python_random.getrandbits(k) for k in (0, 1, 63, 64, 65, 130)]
+    assert bits[0] == 0 and all(0 <= b < 2**k for b, k in zip(bits, (0, 1, 63, 64, 65, 130)))
+    assert isinstance(python_random, random.Random)
+
+
+def test_plain_dataloader_over_a_dataset_still_collates_per_sample(rec_with_corrupt: Path) -> None:
+    """Without the seeded wrapper a DataLoader gets samples one by one (default collate keeps working)."""
+    dataset = RecordIODataset(rec_with_corrupt, transform=build_transform("eval", SIZE))
+    images, labels, corrupt = next(iter(DataLoader(dataset, batch_size=8, collate_fn=collate_skip_corrupt)))
+    assert images.shape == (7, 3, SIZE, SIZE) and corrupt == 1
+    assert not hasattr(dataset, "__getitems__")
+
+
+def test_read_many_matches_read_bytes_on_every_record_layout(tmp_path: Path) -> None:
+    """Batched reads take a fast path for single-part, scalar-label records and fall back to the general
+    parser for the rest (multi-part records, array labels) and for corrupt ones."""
+    from mlearn.data.recordio import MAGIC
+
+    magic = MAGIC.to_bytes(4, "little")
+    payloads = [b"\xff\xd8\xff" + bytes([i]) * (40 + i) for i in range(6)]
+    payloads[2] = magic + b"split here" + magic + b"and here!!"  # magic at aligned offsets: a multi-part record
+    with RecordIOWriter(tmp_path, insightface_header=False) as writer:
+        for i, data in enumerate(payloads):
+            writer.add(data, [float(i), 0.5] if i == 4 else i)  # record 4: an array label (IRHeader flag 2)
+    dataset = RecordIODataset(tmp_path)
+    order = [5, 2, 0, 4, 1, 3, 2]
+    assert dataset.read_many(order) == [dataset.read_bytes(i) for i in order] == [payloads[i] for i in order]
+
+
+def test_seeded_dataset_pickles_for_spawned_workers(rec_with_corrupt: Path) -> None:
+    dataset = RecordIODataset(rec_with_corrupt, transform=build_transform("low_quality", SIZE, output="uint8"))
+    seeded = EpochSeededDataset(dataset, seed=5)
+    before = seeded.__getitems__([(1, 0), (2, 0)])
+    clone = pickle.loads(pickle.dumps(seeded))
+    assert clone.generators[1].generator is clone.generators[0]
+    torch.testing.assert_close(clone.__getitems__([(1, 0), (2, 0)]).images, before.images, rtol=0, atol=0)
