@@ -76,49 +76,64 @@ def test_all_corrupt_batch_and_strict_mode(rec_with_corrupt: Path) -> None:
 
 
 def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Path) -> None:
-    """Two workers, every batch of two epochs kept alive at once: pooled buffers are reused (the pool is
-    small) and still no kept batch changes; the stream equals the in-process one."""
+    """Two workers; every batch of epoch 0 kept alive (the pools run dry: fresh buffers), then only every
+    third batch of epoch 1 (the others' buffers are reused meanwhile): no kept batch ever changes, and
+    the stream equals the in-process one."""
     write_palette_rec(tmp_path, classes=6, per_class=16, size=SIZE)
 
     def epochs(workers: int) -> list:
         data = FaceDataModule(str(tmp_path), batch_size=8, num_workers=workers, image_size=SIZE)
         loader = data.train_dataloader()
-        kept = []
-        for epoch in range(2):
-            loader.sampler.set_epoch(epoch)
-            kept += list(loader)
+        kept = list(loader)
+        loader.sampler.set_epoch(1)
+        kept += [batch for j, batch in enumerate(loader) if j % 3 == 0]
         return kept
 
     in_process, with_workers = epochs(0), epochs(2)
-    assert len(in_process) == len(with_workers) == 24
+    assert len(in_process) == len(with_workers) == 16
+    assert sum(b.images.is_shared() for b in with_workers) == 16  # handed over without a copy
     for a, b in zip(in_process, with_workers):
-        assert type(b) is ImageBatch and b.images.dtype == torch.uint8 and not b.images.is_shared()
+        assert type(b) is ImageBatch and b.images.dtype == torch.uint8
         torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
         torch.testing.assert_close(a.labels, b.labels)
 
 
-def test_pooled_batch_arrives_as_a_copy_and_frees_its_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pooled_buffers_and_their_release(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batches, "get_worker_info", lambda: object())  # as inside a DataLoader worker
     allocator = BatchAllocator(capacity=2)
     first, slot0 = allocator.allocate((3, 4, 4, 3), torch.uint8)
     second, slot1 = allocator.allocate((3, 4, 4, 3), torch.uint8)
     third, slot2 = allocator.allocate((3, 4, 4, 3), torch.uint8)
-    assert (slot0, slot1, slot2) == (0, 1, -1) and first.is_shared()  # both in flight: a fresh buffer
+    assert (slot0, slot1, slot2) == (0, 1, -1) and first.is_shared()  # both in use: a fresh buffer
     assert third.is_shared() and third.shape == (3, 4, 4, 3)
     first.fill_(7)
     sent = allocator.batch(first[:2], torch.tensor([1, 2]), 1, slot0)
     assert isinstance(sent, PooledImageBatch)
+    assert type(allocator.batch(third, torch.tensor([0, 0, 0]), 0, slot2)) is ImageBatch
     received = pickle.loads(ForkingPickler.dumps(sent))  # as a worker's queue sends it: shared tensors by handle
     assert type(received) is ImageBatch and received.num_corrupt == 1 and received.labels.tolist() == [1, 2]
-    assert received.images.shape == (2, 4, 4, 3) and received.images.data_ptr() != first.data_ptr()
+    assert received.images.shape == (2, 4, 4, 3) and received.images.eq(7).all()
+    assert allocator.allocate((3, 4, 4, 3), torch.uint8)[1] == -1  # slot 0 still in use
+    allocator._flags[slot0] = 0  # what the receiving process does once nothing views the buffer
     reused, slot = allocator.allocate((3, 4, 4, 3), torch.uint8)
-    assert slot == slot0 and reused.data_ptr() == first.data_ptr()  # freed by the receipt, reused
-    reused.fill_(0)
-    assert received.images.eq(7).all()
-    assert type(allocator.batch(third, torch.tensor([0, 0, 0]), 0, slot2)) is ImageBatch
+    assert slot == slot0 and reused.data_ptr() == first.data_ptr()
     assert pickle.loads(pickle.dumps(allocator)).allocate((1, 2), torch.uint8)[1] == 0  # a fresh pool
     floats, slot = BatchAllocator(capacity=1).allocate((2, 3, 5, 5), torch.float32)
     assert slot == 0 and floats.dtype == torch.float32 and floats.shape == (2, 3, 5, 5) and floats.is_contiguous()
+
+
+def test_a_buffer_is_released_when_the_last_view_of_it_is_gone() -> None:
+    releases = batches._PendingReleases()
+    flags = torch.ones(3, dtype=torch.uint8)
+    buffer = torch.zeros(16, dtype=torch.uint8)
+    view = buffer[4:8]
+    releases.track(buffer, flags, 1)
+    del buffer
+    releases.track(torch.zeros(1, dtype=torch.uint8), flags, 2)  # every receipt checks the earlier ones
+    assert flags.tolist() == [1, 1, 1]  # the view still uses the storage
+    del view
+    releases.track(torch.zeros(1, dtype=torch.uint8), flags, 0)
+    assert flags.tolist() == [1, 0, 0]  # slots 1 and 2: storages gone; slot 0: the batch just received
 
 
 @pytest.mark.parametrize("output", ["float", "uint8"])

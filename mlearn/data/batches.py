@@ -16,6 +16,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import get_worker_info
 
 _FENCE = threading.Lock()  # acquire/release: a full memory barrier around the flag hand-over
@@ -40,48 +41,70 @@ def empty_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return prototype.new(storage).view(tuple(shape))
 
 
+class _PendingReleases:
+    """The receiving side of pooled buffers: batches are handed out without a copy, and a buffer's
+    in-flight flag is cleared once no tensor uses its storage any more (checked at every receipt)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the pin-memory thread and the main thread both receive
+        self._pending: List[Tuple[StorageWeakRef, torch.Tensor, int]] = []
+
+    def track(self, buffer: torch.Tensor, flags: torch.Tensor, slot: int) -> None:
+        with self._lock:
+            self._pending.append((StorageWeakRef(buffer.untyped_storage()), flags, slot))
+            still = []
+            for ref, flag_array, flag_slot in self._pending:
+                if ref.expired():
+                    flag_array[flag_slot] = 0
+                else:
+                    still.append((ref, flag_array, flag_slot))
+            self._pending = still
+
+
+_RELEASES = _PendingReleases()  # per process: the pooled buffers this process holds
+
+
 def _receive_pooled(buffer: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype, good: int,
-                    labels: np.ndarray, num_corrupt: int) -> ImageBatch:
-    """Unpickling a :class:`PooledImageBatch` (in the receiving process): copy out, then free the buffer."""
-    images = _images_in(buffer, shape, dtype)[:good].clone()
-    with _FENCE:
-        buffer[-1] = 0
+                    labels: np.ndarray, num_corrupt: int, flags: torch.Tensor, slot: int) -> ImageBatch:
+    """Unpickling a :class:`PooledImageBatch` (in the receiving process): the images stay in the
+    worker's buffer, which is released when the last tensor viewing it is gone."""
+    images = buffer.view(dtype).view(shape)[:good]
+    _RELEASES.track(buffer, flags, slot)
     return ImageBatch(images, torch.from_numpy(labels), num_corrupt)
 
 
-def _images_in(buffer: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The batch tensor inside a pooled byte buffer (its last byte is the in-flight flag)."""
-    return buffer[:-1].view(dtype).view(shape)
-
-
 class PooledImageBatch(ImageBatch):
-    """An :class:`ImageBatch` whose images are the first rows of a pooled worker buffer.
+    """An :class:`ImageBatch` whose images are the first rows of buffer ``slot`` of a worker's pool.
 
-    Pickled (sent to the main process), it arrives as a plain :class:`ImageBatch` holding a copy, and
-    the buffer is free for the worker's next batch. Only the buffer travels as shared memory (one file
-    descriptor per batch); the labels travel by value.
+    Pickled (sent to the main process), it arrives as a plain :class:`ImageBatch` viewing the same
+    shared memory; the worker reuses the buffer only after every tensor over it is gone. The labels
+    travel by value.
     """
 
     buffer: torch.Tensor
     full_shape: Tuple[int, ...]
+    flags: torch.Tensor
+    slot: int
 
     def __reduce__(self) -> Tuple[Any, ...]:
         return _receive_pooled, (self.buffer, self.full_shape, self.images.dtype, len(self.labels),
-                                 self.labels.numpy(), self.num_corrupt)
+                                 self.labels.numpy(), self.num_corrupt, self.flags, self.slot)
 
 
 class BatchAllocator:
     """Batch tensors: ``torch.empty`` in the main process; in a DataLoader worker, up to ``capacity``
-    reusable shared-memory buffers (a fresh segment when all are in flight).
+    reusable shared-memory buffers (a fresh segment when all are in use).
 
-    A pooled buffer is a uint8 shared-memory tensor of the batch's bytes plus one flag byte (1: in
-    flight, 0: free), cleared by the receiving process once it has copied the batch out. One allocator
-    per dataset object; a forked or spawned worker starts its own pool.
+    A pooled buffer is a uint8 shared-memory tensor of the batch's bytes; ``flags[slot]`` (shared
+    memory too) is 1 while it is in use: set by the worker when it fills the buffer, cleared by the
+    receiving process once no tensor there views it. One allocator per dataset object; a forked or
+    spawned worker starts its own pool.
     """
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = int(capacity)
         self._pid = -1
+        self._flags: Optional[torch.Tensor] = None
         self._buffers: List[torch.Tensor] = []
         self._shapes: List[Tuple[int, ...]] = []
 
@@ -97,21 +120,24 @@ class BatchAllocator:
         if get_worker_info() is None or self.capacity < 1:
             return empty_batch(shape, dtype), -1
         if self._pid != os.getpid():
+            self._flags = torch.zeros(self.capacity, dtype=torch.uint8).share_memory_()
             self._buffers, self._shapes, self._pid = [], [], os.getpid()
+        assert self._flags is not None
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
         with _FENCE:
-            slot = next((i for i, buffer in enumerate(self._buffers) if buffer.numpy()[-1] == 0), None)
+            flags = self._flags.numpy()
+            slot = next((i for i in range(len(self._buffers)) if flags[i] == 0), None)
             if slot is None:
                 if len(self._buffers) == self.capacity:
                     return empty_batch(shape, dtype), -1
                 slot = len(self._buffers)
-                self._buffers.append(empty_batch((nbytes + 1,), torch.uint8))
+                self._buffers.append(empty_batch((nbytes,), torch.uint8))
                 self._shapes.append(shape)
-            elif self._buffers[slot].numel() != nbytes + 1:  # a batch of another size: replace the free buffer
-                self._buffers[slot] = empty_batch((nbytes + 1,), torch.uint8)
+            elif self._buffers[slot].numel() != nbytes:  # a batch of another size: replace the free buffer
+                self._buffers[slot] = empty_batch((nbytes,), torch.uint8)
             self._shapes[slot] = shape
-            self._buffers[slot].numpy()[-1] = 1
-        return _images_in(self._buffers[slot], shape, dtype), slot
+            flags[slot] = 1
+        return self._buffers[slot].view(dtype).view(shape), slot
 
     def batch(self, images: torch.Tensor, labels: torch.Tensor, num_corrupt: int, slot: int) -> ImageBatch:
         """The batch to return: a :class:`PooledImageBatch` for a pooled buffer (``slot >= 0``), whose
@@ -120,4 +146,5 @@ class BatchAllocator:
             return ImageBatch(images, labels, num_corrupt)
         batch = PooledImageBatch(images, labels, num_corrupt)
         batch.buffer, batch.full_shape = self._buffers[slot], self._shapes[slot]
+        batch.flags, batch.slot = self._flags, slot
         return batch
