@@ -4,9 +4,9 @@ A DataLoader worker hands every batch to the main process in shared memory. A fr
 segment per batch costs a page fault on every 4 KiB page the worker writes: ~1,200 faults for a batch
 of 128 uint8 112x112 images, which on a virtual machine can cost as much as decoding the JPEGs
 (``evaluation/BENCHMARKS.md``). :class:`BatchAllocator` therefore keeps a few buffers per worker and
-reuses them: the batch travels as a :class:`PooledImageBatch`, and unpickling it in the main process
-copies the images out (into ordinary memory) and marks the buffer free again in a shared flag array,
-so a buffer is never written while anyone can still see its contents.
+reuses them: the batch travels as a :class:`PooledImageBatch`; the receiving process uses the images
+in place and, once no tensor views a buffer any more, clears its flag in a shared flag array, so a
+buffer is never rewritten while anyone can still see its contents.
 """
 from __future__ import annotations
 
