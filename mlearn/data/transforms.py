@@ -187,9 +187,9 @@ class ImageTransform:
     ``output="float"``: float32 [3, S, S] normalised to [-1, 1]. ``output="uint8"``: uint8 [S, S, 3]
     (channels last, as decoded), to be normalised on the device with :func:`normalize_images`
     (cheaper to batch and to ship between processes; see ``evaluation/BENCHMARKS.md``).
-    :meth:`fill` writes the result into a slot of a preallocated batch instead
+    :meth:`fill` / :meth:`fill_batch` write the results into a preallocated batch instead
     (:meth:`mlearn.data.folders.IdentityImageDataset.load_batch`); ``sample_shape``/``sample_dtype``
-    describe that slot.
+    describe one sample of it.
 
     A trailing ``HorizontalFlip`` (the whole ``standard`` preset) is not run through albumentations:
     it is drawn with the same probability from the pipeline's Python generator and applied while
