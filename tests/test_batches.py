@@ -110,7 +110,7 @@ def test_pooled_buffers_and_their_release(monkeypatch: pytest.MonkeyPatch) -> No
     sent = allocator.batch(first[:2], torch.tensor([1, 2]), 1, slot0)
     assert isinstance(sent, PooledImageBatch)
     assert type(allocator.batch(third, torch.tensor([0, 0, 0]), 0, slot2)) is ImageBatch
-    received = pickle.loads(ForkingPickler.dumps(sent))  # as a worker's queue sends it: shared tensors by handle
+    received = pickle.loads(ForkingPickler.dumps(sent))  # as a worker's queue sends it: shared by handle
     assert type(received) is ImageBatch and received.num_corrupt == 1 and received.labels.tolist() == [1, 2]
     assert received.images.shape == (2, 4, 4, 3) and received.images.eq(7).all()
     assert allocator.allocate((3, 4, 4, 3), torch.uint8)[1] == -1  # slot 0 still in use
@@ -119,7 +119,8 @@ def test_pooled_buffers_and_their_release(monkeypatch: pytest.MonkeyPatch) -> No
     assert slot == slot0 and reused.data_ptr() == first.data_ptr()
     assert pickle.loads(pickle.dumps(allocator)).allocate((1, 2), torch.uint8)[1] == 0  # a fresh pool
     floats, slot = BatchAllocator(capacity=1).allocate((2, 3, 5, 5), torch.float32)
-    assert slot == 0 and floats.dtype == torch.float32 and floats.shape == (2, 3, 5, 5) and floats.is_contiguous()
+    assert slot == 0 and floats.dtype == torch.float32 and floats.shape == (2, 3, 5, 5)
+    assert floats.is_contiguous()
 
 
 def test_a_buffer_is_released_when_the_last_view_of_it_is_gone() -> None:
@@ -146,7 +147,8 @@ def test_trailing_flip_is_fused_into_the_output_copy(output: str) -> None:
     assert not plain.draws_randomly
     torch.testing.assert_close(always(image), plain(np.ascontiguousarray(image[:, ::-1])), rtol=0, atol=0)
     torch.testing.assert_close(never(image), plain(image), rtol=0, atol=0)
-    torch.testing.assert_close(torch.from_numpy(always.augment(image)), torch.from_numpy(image[:, ::-1].copy()))
+    mirrored = torch.from_numpy(image[:, ::-1].copy())
+    torch.testing.assert_close(torch.from_numpy(always.augment(image)), mirrored)
     half = ImageTransform([A.HorizontalFlip(p=0.5)], SIZE, output=output)
     half.set_random_state(*new_generators())
     flipped = sum(not torch.equal(half(image), plain(image)) for _ in range(400))
@@ -164,7 +166,8 @@ def test_vectorised_sample_seeds_equal_the_scalar_hash() -> None:
     indices = [0, 1, 2, 12345, 2**31 + 7, 2**40, 2**62]
     epochs = [0, 1, 7, 3, 2**20, 5, 0]
     for seed in (0, 2048, 2**63 + 11, -1):
-        assert sample_seeds(seed, epochs, indices) == [sample_seed(seed, e, i) for e, i in zip(epochs, indices)]
+        expected = [sample_seed(seed, e, i) for e, i in zip(epochs, indices)]
+        assert sample_seeds(seed, epochs, indices) == expected
 
 
 def test_generator_random_follows_its_numpy_generator() -> None:
@@ -208,7 +211,7 @@ def test_read_many_matches_read_bytes_on_every_record_layout(tmp_path: Path) -> 
 
     magic = MAGIC.to_bytes(4, "little")
     payloads = [b"\xff\xd8\xff" + bytes([i]) * (40 + i) for i in range(6)]
-    payloads[2] = magic + b"split here" + magic + b"and here!!"  # magic at aligned offsets: a multi-part record
+    payloads[2] = magic + b"split here" + magic + b"and here!!"  # magic at aligned offsets: multi-part
     with RecordIOWriter(tmp_path, insightface_header=False) as writer:
         for i, data in enumerate(payloads):
             writer.add(data, [float(i), 0.5] if i == 4 else i)  # record 4: an array label (IRHeader flag 2)
@@ -218,7 +221,8 @@ def test_read_many_matches_read_bytes_on_every_record_layout(tmp_path: Path) -> 
 
 
 def test_seeded_dataset_pickles_for_spawned_workers(rec_with_corrupt: Path) -> None:
-    dataset = RecordIODataset(rec_with_corrupt, transform=build_transform("low_quality", SIZE, output="uint8"))
+    transform = build_transform("low_quality", SIZE, output="uint8")
+    dataset = RecordIODataset(rec_with_corrupt, transform=transform)
     seeded = EpochSeededDataset(dataset, seed=5)
     before = seeded.__getitems__([(1, 0), (2, 0)])
     clone = pickle.loads(pickle.dumps(seeded))

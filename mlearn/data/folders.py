@@ -75,7 +75,7 @@ class IdentityImageDataset(Dataset):
         return decode_image(data, lambda: self.describe(index))
 
     def _unless_corrupt(self, index: int, read: Callable[..., Any], *args: Any) -> Any:
-        """``read(*args)`` for sample ``index``; ``None`` if the sample is corrupt (raised when ``strict``)."""
+        """``read(*args)`` for sample ``index``; ``None`` if the sample is corrupt (raised if ``strict``)."""
         try:
             return read(*args)
         except CorruptSampleError as exc:

@@ -176,7 +176,7 @@ class GeneratorRandom(random.Random):
     def setstate(self, state: Any) -> None:
         self.generator.bit_generator.state, self.gauss_next = state
 
-    def __reduce__(self) -> Tuple[Any, ...]:  # pickled with its generator (the same object as a sibling reference)
+    def __reduce__(self) -> Tuple[Any, ...]:  # with its generator (pickle keeps it the sibling's object)
         return type(self), (self.generator,), self.getstate()
 
 
@@ -194,7 +194,7 @@ def seed_generators(numpy_generator: np.random.Generator, python_random: random.
 
 
 def new_generators() -> Tuple[np.random.Generator, random.Random]:
-    """A PCG64 numpy generator and a :class:`GeneratorRandom` over it, to be seeded by :func:`seed_generators`."""
+    """A PCG64 numpy generator and a :class:`GeneratorRandom` over it (seed with :func:`seed_generators`)."""
     generator = np.random.Generator(np.random.PCG64(0))
     return generator, GeneratorRandom(generator)
 

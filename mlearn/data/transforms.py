@@ -152,7 +152,7 @@ def to_normalized_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def copy_uint8_into(image: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
-    """[H, W, 3] image -> ``out`` uint8 [H, W, 3] (float input clipped to [0, 255]), mirrored when ``flip``."""
+    """[H, W, 3] image -> ``out`` uint8 [H, W, 3] (float input clipped to [0, 255]); mirrored if ``flip``."""
     if image.dtype != np.uint8:
         image = np.clip(image, 0, 255).astype(np.uint8)
     if flip:
@@ -172,7 +172,7 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     if images.dtype != torch.uint8:
         return images
     if images.dim() < 3 or images.shape[-1] != 3:
-        raise ValueError(f"uint8 images must be channels-last [..., H, W, 3], got shape {tuple(images.shape)}")
+        raise ValueError(f"uint8 images must be channels-last [..., H, W, 3], got {tuple(images.shape)}")
     channels_first = images.movedim(-1, -3)
     out = torch.empty(channels_first.shape, dtype=torch.float32, device=images.device)
     return out.copy_(channels_first).sub_(127.5).div_(127.5)
