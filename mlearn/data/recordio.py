@@ -615,12 +615,16 @@ class RecordIODataset(IdentityImageDataset):
 
     def read_bytes(self, index: int) -> bytes:
         data = _single_part_payload(self.reader.read_span(int(self.image_keys[index])))
-        return data if data is not None else self.read_record(index)[1]
+        return data if data is not None else self._read_general(index)
+
+    def _read_general(self, index: int) -> bytes:
+        """Any record layout, and every error message (the fast path's spans are not read again)."""
+        return self.read_record(index)[1]
 
     def read_many(self, indices: Sequence[int]) -> List[Optional[bytes]]:
         spans = self.reader.read_spans(self.image_keys[np.asarray(indices, dtype=np.int64)])
         payloads = [_single_part_payload(span) for span in spans]
-        return [data if data is not None else self._unless_corrupt(index, self.read_bytes, index)
+        return [data if data is not None else self._unless_corrupt(index, self._read_general, index)
                 for index, data in zip(indices, payloads)]
 
 
