@@ -4,8 +4,7 @@ Names are imported lazily so that ``import mlearn.data.bins`` stays light.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mlearn.lazy import lazy_exports
 
 _EXPORTS = {
     "FaceDataModule": "mlearn.data.datamodule",
@@ -57,10 +56,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mlearn.data' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

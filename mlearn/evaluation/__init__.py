@@ -4,8 +4,7 @@ Names are imported lazily (``mlearn.evaluation.retrieval_metrics`` loads FAISS o
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mlearn.lazy import lazy_exports
 
 _EXPORTS = {
     "kfold_verification": "mlearn.evaluation.verification",
@@ -30,10 +29,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mlearn.evaluation' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)
