@@ -24,6 +24,7 @@ from mlearn.data.recordio import RecordIODataset, RecordIOWriter
 from mlearn.data.samplers import (
     EpochSeededDataset,
     GeneratorRandom,
+    SampleStreams,
     new_generators,
     sample_seed,
     sample_seeds,
@@ -228,3 +229,15 @@ def test_seeded_dataset_pickles_for_spawned_workers(rec_with_corrupt: Path) -> N
     clone = pickle.loads(pickle.dumps(seeded))
     assert clone.generators[1].generator is clone.generators[0]
     torch.testing.assert_close(clone.__getitems__([(1, 0), (2, 0)]).images, before.images, rtol=0, atol=0)
+
+
+def test_first_randoms_of_sample_streams_equal_seeding_then_drawing() -> None:
+    generators = new_generators()
+    seeds = sample_seeds(9, [0] * 500 + [3] * 500, list(range(500)) * 2) + [0, 1, 2**128 - 1, 2**64]
+    streams = SampleStreams(seeds, generators)
+    expected = []
+    for j in range(len(streams)):
+        streams.select(j)
+        expected.append(generators[1].random())
+    assert streams.first_randoms() == expected
+    assert 0.45 < np.mean(expected) < 0.55

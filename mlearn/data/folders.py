@@ -92,14 +92,15 @@ class IdentityImageDataset(Dataset):
             image = self.transform(image)
         return image, int(self.labels[index])
 
-    def load_batch(self, indices: Sequence[int], before_each: Optional[Callable[[int], None]] = None
+    def load_batch(self, indices: Sequence[int], streams: Optional[Any] = None
                    ) -> Union[ImageBatch, List[Optional[Tuple[Any, int]]]]:
-        """Samples ``indices`` as one batch; ``before_each(j)`` runs before the j-th sample's transform.
+        """Samples ``indices`` as one batch. ``streams`` (:class:`mlearn.data.samplers.SampleStreams`):
+        the j-th sample's augmentation draws from stream j (``streams.select(j)`` before its transform).
 
         With a transform that writes in place (``fill_batch`` and ``sample_shape``/``sample_dtype``, as
-        :class:`~mlearn.data.transforms.ImageTransform`) the images are decoded and transformed straight
-        into one preallocated batch (in a DataLoader worker, a reused shared-memory buffer
-        of :class:`~mlearn.data.batches.BatchAllocator`): an :class:`ImageBatch` of
+        :class:`~mlearn.data.transforms.ImageTransform`) each image is decoded and at once transformed
+        into one preallocated batch (in a DataLoader worker, a reused shared-memory buffer of
+        :class:`~mlearn.data.batches.BatchAllocator`): an :class:`ImageBatch` of
         ``[B', *transform.sample_shape]`` images, the corrupt samples dropped and counted. Other
         transforms give the list of ``self[i]`` for :func:`collate_skip_corrupt`.
         """
@@ -107,24 +108,21 @@ class IdentityImageDataset(Dataset):
         if getattr(transform, "fill_batch", None) is None or getattr(transform, "sample_shape", None) is None:
             samples = []
             for position, index in enumerate(indices):
-                if before_each is not None:
-                    before_each(position)
+                if streams is not None:
+                    streams.select(position)
                 samples.append(self[index])
             return samples
-        # in phases (read all, decode all, transform all): interleaving Python work with the decoder
-        # slows the decoder itself down by more than that work costs (caches, branch predictors)
         encoded = self.read_many(indices)
-        decoded = [None if data is None else self._unless_corrupt(index, self._decode, index, data)
-                   for index, data in zip(indices, encoded)]
-        del encoded
-        positions = [j for j, image in enumerate(decoded) if image is not None]
         images, buffer_slot = self.batch_allocator.allocate((len(indices), *transform.sample_shape),
                                                             transform.sample_dtype)
-        good = [decoded[j] for j in positions]
-        transform.fill_batch(good, images.numpy()[:len(good)],
-                             None if before_each is None else (lambda j: before_each(positions[j])))
-        labels = torch.from_numpy(self.labels[np.asarray([indices[j] for j in positions], dtype=np.int64)])
-        return self.batch_allocator.batch(images[:len(good)], labels, len(indices) - len(good), buffer_slot)
+        # decoded one at a time as fill_batch consumes them: each image is written out while it is
+        # still in the cache, and the decoder reuses one freed block instead of 128 of them
+        decoded = (None if data is None else self._unless_corrupt(index, self._decode, index, data)
+                   for index, data in zip(indices, encoded))
+        written = transform.fill_batch(decoded, images.numpy(), streams)
+        labels = torch.from_numpy(self.labels[np.asarray([indices[j] for j in written], dtype=np.int64)])
+        good = len(written)
+        return self.batch_allocator.batch(images[:good], labels, len(indices) - good, buffer_slot)
 
     def save_label_map(self, path: PathLike) -> None:
         """Write ``label_map`` as JSON ``{original label: index}`` (keys as strings)."""

@@ -207,6 +207,38 @@ def sample_generators(seed: int, epoch: int, index: int) -> Tuple[np.random.Gene
     return generators
 
 
+_PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645  # PCG64's 128-bit LCG multiplier
+_MASK128 = (1 << 128) - 1
+
+
+class SampleStreams:
+    """The augmentation random streams of one batch: stream j is ``generators`` (a pair from
+    :func:`new_generators`) seeded by :func:`seed_generators` with ``seeds[j]``."""
+
+    def __init__(self, seeds: Sequence[int], generators: Tuple[np.random.Generator, random.Random]) -> None:
+        self.seeds = seeds
+        self.generators = generators
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def select(self, j: int) -> None:
+        """Seed the generators with stream j: the next draws are that sample's."""
+        seed_generators(*self.generators, self.seeds[j])
+
+    def first_randoms(self) -> List[float]:
+        """The first ``random()`` of every stream (what ``select(j)`` then ``generators[1].random()``
+        gives) without touching the generators: one PCG64 step and its XSL-RR output, per seed."""
+        draws = []
+        for value in self.seeds:
+            state = (value * _PCG_MULTIPLIER + _PCG_INCREMENT) & _MASK128
+            folded = ((state >> 64) ^ state) & _MASK64
+            rotation = state >> 122
+            word = ((folded >> rotation) | (folded << (64 - rotation))) & _MASK64
+            draws.append((word >> 11) * 2.0**-53)  # numpy's random(): the top 53 bits
+        return draws
+
+
 def reseed_transform(transform: Any, generators: Tuple[np.random.Generator, random.Random]) -> bool:
     """Make the augmentations of ``transform`` draw from ``generators`` (shared by all of them); returns
     False when ``transform`` draws nothing.
@@ -259,5 +291,5 @@ class EpochSeededDataset(Dataset):
         indices = [index for index, _ in keys]
         if not self._draws_randomly():
             return load_batch(indices)
-        seeds, generators = sample_seeds(self.seed, [epoch for _, epoch in keys], indices), self.generators
-        return load_batch(indices, lambda position: seed_generators(*generators, seeds[position]))
+        seeds = sample_seeds(self.seed, [epoch for _, epoch in keys], indices)
+        return load_batch(indices, SampleStreams(seeds, self.generators))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import albumentations as A
 import cv2
@@ -230,15 +230,19 @@ class ImageTransform:
     def _draw_flip(self) -> bool:
         return self.flip_p > 0 and self._python_random.random() < self.flip_p
 
-    def _augment(self, image: np.ndarray) -> Tuple[np.ndarray, bool]:
-        """Resize and run the pipeline; returns the image and whether to mirror it."""
+    def _resized(self, image: np.ndarray) -> np.ndarray:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a [H, W, 3] RGB numpy image, got "
                              f"{type(image).__name__} {getattr(image, 'shape', '')}")
-        if image.shape[:2] != self.size:
-            shrink = image.shape[0] > self.size[0]
-            image = cv2.resize(image, (self.size[1], self.size[0]),
-                               interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        if image.shape[:2] == self.size:
+            return image
+        shrink = image.shape[0] > self.size[0]
+        return cv2.resize(image, (self.size[1], self.size[0]),
+                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+    def _augment(self, image: np.ndarray) -> Tuple[np.ndarray, bool]:
+        """Resize and run the pipeline; returns the image and whether to mirror it."""
+        image = self._resized(image)
         if not self.draws_randomly:
             return image, False
         self._ensure_seeded()
@@ -256,33 +260,32 @@ class ImageTransform:
         image, flip = self._augment(image)
         self._write(image, out, flip)
 
-    def fill_batch(self, images: Sequence[np.ndarray], out: np.ndarray,
-                   before_each: Optional[Callable[[int], None]] = None) -> None:
-        """:meth:`fill` of ``images[j]`` into ``out[j]`` for every j (the same results; ``before_each(j)``
-        runs first, e.g. to seed the sample's draws). Without an albumentations pipeline (``standard``,
-        ``eval``) and with images of the right size, the batch is copied (and normalised) in one pass
-        after drawing the flips."""
-        expected = (*self.size, 3)
-        if self.pipeline is not None or any(im.shape != expected or im.dtype != np.uint8 for im in images):
+    def fill_batch(self, images: Iterable[Optional[np.ndarray]], out: np.ndarray,
+                   streams: Optional[Any] = None) -> List[int]:
+        """:meth:`fill` of the images, taken one at a time (e.g. decoded on demand), into ``out[0]``,
+        ``out[1]``, ...; ``None`` entries are skipped. Returns the positions in ``images`` written.
+
+        ``streams`` (:class:`mlearn.data.samplers.SampleStreams`, whose generators this transform draws
+        from, as :class:`~mlearn.data.samplers.EpochSeededDataset` sets it up): image j draws from
+        stream j. A transform that draws only the flip takes it from each stream's first ``random()``,
+        computed for the whole batch up front, with the same results.
+        """
+        written: List[int] = []
+        if self.pipeline is None and self.flip_p > 0 and streams is not None:
+            flips = [draw < self.flip_p for draw in streams.first_randoms()]
             for j, image in enumerate(images):
-                if before_each is not None:
-                    before_each(j)
-                self.fill(image, out[j])
-            return
-        if self.flip_p > 0:
-            self._ensure_seeded()
-            flipped = []
-            for j, image in enumerate(images):
-                if before_each is not None:
-                    before_each(j)
-                flipped.append(cv2.flip(image, 1) if self._draw_flip() else image)
-            images = flipped
-        if not len(images):
-            return
-        if self.output == "uint8":
-            np.stack(images, out=out)
-        else:
-            normalize_into(np.stack(images), out)
+                if image is not None:
+                    self._write(self._resized(image), out[len(written)], flips[j])
+                    written.append(j)
+            return written
+        for j, image in enumerate(images):
+            if image is None:
+                continue
+            if streams is not None:
+                streams.select(j)
+            self.fill(image, out[len(written)])
+            written.append(j)
+        return written
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         out = torch.empty(self.sample_shape, dtype=self.sample_dtype)
