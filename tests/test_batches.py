@@ -76,9 +76,14 @@ def test_all_corrupt_batch_and_strict_mode(rec_with_corrupt: Path) -> None:
         EpochSeededDataset(strict).__getitems__([(4, 0), (5, 0)])
 
 
+def _received_buffer_addresses() -> set:
+    return {buffer.data_ptr() for _, slots in batches._RECEIVER._pools.values() for _, buffer in slots.values()}
+
+
 def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Path) -> None:
-    """Two workers; every batch of epoch 0 kept alive (the pools run dry: fresh buffers), then only every
-    third batch of epoch 1 (the others' buffers are reused meanwhile): no kept batch ever changes, and
+    """Two workers; every batch of epoch 0 kept alive (6 of each worker's 8 buffers stay in use), then
+    only every third batch of epoch 1 (the others' buffers are reused meanwhile; a worker whose pool runs
+    dry sends a fresh segment): no kept batch ever changes, each lies in the worker's memory (no copy), and
     the stream equals the in-process one."""
     write_palette_rec(tmp_path, classes=6, per_class=16, size=SIZE)
 
@@ -88,54 +93,73 @@ def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Pa
         kept = list(loader)
         loader.sampler.set_epoch(1)
         kept += [batch for j, batch in enumerate(loader) if j % 3 == 0]
+        if workers:
+            pooled = _received_buffer_addresses()
+            in_pool = [b.images.data_ptr() in pooled for b in kept]
+            assert len(pooled) <= 2 * 8 and all(in_pool[:12])  # epoch 0: 6 batches of each worker's 8 buffers
+            assert all(in_pool[j] or kept[j].images.is_shared() for j in range(len(kept)))  # or fresh ones
         return kept
 
     in_process, with_workers = epochs(0), epochs(2)
     assert len(in_process) == len(with_workers) == 16
-    assert sum(b.images.is_shared() for b in with_workers) == 16  # handed over without a copy
     for a, b in zip(in_process, with_workers):
         assert type(b) is ImageBatch and b.images.dtype == torch.uint8
         torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
         torch.testing.assert_close(a.labels, b.labels)
 
 
-def test_pooled_buffers_and_their_release(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pooled_buffers_are_sent_once_and_released_when_unused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batches, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    monkeypatch.setattr(batches, "_RECEIVER", batches._Receiver())
     allocator = BatchAllocator(capacity=2)
     first, slot0 = allocator.allocate((3, 4, 4, 3), torch.uint8)
     second, slot1 = allocator.allocate((3, 4, 4, 3), torch.uint8)
     third, slot2 = allocator.allocate((3, 4, 4, 3), torch.uint8)
     assert (slot0, slot1, slot2) == (0, 1, -1) and first.is_shared()  # both in use: a fresh buffer
     assert third.is_shared() and third.shape == (3, 4, 4, 3)
-    first.fill_(7)
-    sent = allocator.batch(first[:2], torch.tensor([1, 2]), 1, slot0)
-    assert isinstance(sent, PooledImageBatch)
     assert type(allocator.batch(third, torch.tensor([0, 0, 0]), 0, slot2)) is ImageBatch
-    received = pickle.loads(ForkingPickler.dumps(sent))  # as a worker's queue sends it: shared by handle
+    flags = allocator._pool.flags
+
+    def send(images: torch.Tensor, slot: int) -> bytes:
+        batch = allocator.batch(images[:2], torch.tensor([1, 2]), 1, slot)
+        assert isinstance(batch, PooledImageBatch)
+        return ForkingPickler.dumps(batch)  # as a worker's queue sends it: shared memory by handle
+
+    first.fill_(7)
+    with_handle = send(first, slot0)
+    received = pickle.loads(with_handle)
     assert type(received) is ImageBatch and received.num_corrupt == 1 and received.labels.tolist() == [1, 2]
     assert received.images.shape == (2, 4, 4, 3) and received.images.eq(7).all()
+    assert received.images.data_ptr() == first.data_ptr()  # the worker's memory itself
     assert allocator.allocate((3, 4, 4, 3), torch.uint8)[1] == -1  # slot 0 still in use
-    allocator._flags[slot0] = 0  # what the receiving process does once nothing views the buffer
+    view = received.images[1]
+    del received
+    pickle.loads(send(second, slot1))  # every receipt releases the slots nothing views any more
+    assert flags[slot0] == 1  # ``view`` still uses slot 0
+    del view
+    pickle.loads(send(second, slot1))
+    assert flags[slot0] == 0
     reused, slot = allocator.allocate((3, 4, 4, 3), torch.uint8)
     assert slot == slot0 and reused.data_ptr() == first.data_ptr()
+    reused.fill_(9)
+    without_handle = send(reused, slot0)
+    assert len(without_handle) < len(with_handle)  # the buffer's handle went with the first batch only
+    assert pickle.loads(without_handle).images.eq(9).all()
+
+    larger, slot = allocator.allocate((5, 4, 4, 3), torch.uint8)  # a new buffer in a free slot
+    assert slot == slot1 and allocator.batch(larger, torch.tensor([0]), 0, slot).generation == 1
+    larger.fill_(3)
+    assert pickle.loads(send(larger, slot1)).images.eq(3).all()
+    with pytest.raises(RuntimeError, match="never received here"):
+        batches._receive_pooled("unknown-pool", None, 0, 0, None, (1, 2), torch.uint8, 1, np.zeros(1), 0)
+    batches._close_pool(flags)  # the worker exited: its buffers are unmapped at the next receipt
+    batches._RECEIVER.receive("another", torch.zeros(3, dtype=torch.uint8), 0, 0, torch.zeros(1))
+    assert allocator._pool.token not in batches._RECEIVER._pools
+
     assert pickle.loads(pickle.dumps(allocator)).allocate((1, 2), torch.uint8)[1] == 0  # a fresh pool
     floats, slot = BatchAllocator(capacity=1).allocate((2, 3, 5, 5), torch.float32)
     assert slot == 0 and floats.dtype == torch.float32 and floats.shape == (2, 3, 5, 5)
     assert floats.is_contiguous()
-
-
-def test_a_buffer_is_released_when_the_last_view_of_it_is_gone() -> None:
-    releases = batches._PendingReleases()
-    flags = torch.ones(3, dtype=torch.uint8)
-    buffer = torch.zeros(16, dtype=torch.uint8)
-    view = buffer[4:8]
-    releases.track(buffer, flags, 1)
-    del buffer
-    releases.track(torch.zeros(1, dtype=torch.uint8), flags, 2)  # every receipt checks the earlier ones
-    assert flags.tolist() == [1, 1, 1]  # the view still uses the storage
-    del view
-    releases.track(torch.zeros(1, dtype=torch.uint8), flags, 0)
-    assert flags.tolist() == [1, 0, 0]  # slots 1 and 2: storages gone; slot 0: the batch just received
 
 
 @pytest.mark.parametrize("output", ["float", "uint8"])
@@ -241,3 +265,32 @@ def test_first_randoms_of_sample_streams_equal_seeding_then_drawing() -> None:
         expected.append(generators[1].random())
     assert streams.first_randoms() == expected
     assert 0.45 < np.mean(expected) < 0.55
+
+
+class _PooledBatches(torch.utils.data.Dataset):
+    """Batches of zeros straight from a BatchAllocator (transport only)."""
+
+    def __init__(self) -> None:
+        self.allocator = BatchAllocator(capacity=4)
+
+    def __len__(self) -> int:
+        return 48
+
+    def __getitems__(self, indices: list) -> ImageBatch:
+        images, slot = self.allocator.allocate((len(indices), 4, 4, 3), torch.uint8)
+        images.zero_()
+        return self.allocator.batch(images, torch.zeros(len(indices), dtype=torch.int64), 0, slot)
+
+
+def test_buffers_of_exited_workers_are_unmapped() -> None:
+    """Workers restarted every epoch (no persistent workers): the receiver drops the pools of the
+    workers that exited, and keeps only the current ones."""
+    loader = DataLoader(_PooledBatches(), batch_size=8, num_workers=2, collate_fn=lambda batch: batch)
+    seen = []
+    for _ in range(3):
+        for j, batch in enumerate(loader):
+            assert batch.images.eq(0).all()
+            if j == 2:
+                seen.append(set(batches._RECEIVER._pools))
+    assert all(len(pools) == 2 for pools in seen)
+    assert not seen[0] & seen[1] and not seen[1] & seen[2]

@@ -13,9 +13,10 @@ temporary folder, then measures, in the same run and over the same records:
                          tensors, normalised later on the device (not included in the timing)
 
 ``per_worker`` divides images/s by the number of processes doing the work (1 for N=0); ``ratio`` is
-``per_worker`` over the bare cv2 decode rate. Every row is the median of ``--repeats`` passes, taken
-round-robin over the rows after one warm-up round. Workers compete for the same cores as the main process,
-so on a machine with fewer free cores than workers the per-worker figure drops for that reason alone.
+the median, over ``--repeats`` rounds (after a warm-up round), of ``per_worker`` over the bare cv2
+decode rate measured right before and after it (every round alternates the bare decode with the rows).
+Workers compete for the same cores as the main process, so on a machine with fewer free cores than
+workers the per-worker figure drops for that reason alone.
 
 Example:
   python tools/bench_loader.py --images 3000 --workers 0 1 2
@@ -30,7 +31,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import cv2
 import numpy as np
@@ -70,17 +71,32 @@ def loader_epoch(dataset: RecordIODataset, workers: int, batch_size: int) -> Cal
     return epoch
 
 
-def measure(runs: Dict[str, Callable[[], int]], repeats: int) -> Dict[str, float]:
-    """Median images/s of each run. Runs are interleaved round-robin (after one warm-up round), so
-    that load from other processes on a shared machine spreads over all of them alike."""
+def measure(runs: Dict[str, Callable[[], int]], repeats: int, reference: str) -> Dict[str, Tuple[float, float]]:
+    """``{name: (median images/s, median ratio to the reference)}`` over ``repeats`` rounds (after one
+    warm-up round). In every round the reference runs before the first row, between every two rows
+    and after the last, and a row's ratio is its rate over the mean rate of the reference passes just
+    before and after it: on a shared machine whose speed drifts by tens of percent within seconds,
+    only such neighbouring passes see the same machine."""
+    rows = [name for name in runs if name != reference]
     rates: Dict[str, List[float]] = {name: [] for name in runs}
+    ratios: Dict[str, List[float]] = {name: [] for name in runs}
+
+    def rate(name: str) -> float:
+        start = time.perf_counter()
+        n = runs[name]()
+        return n / (time.perf_counter() - start)
+
     for round_ in range(repeats + 1):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            n = fn()
+        before = rate(reference)
+        for name in rows:
+            value, after = rate(name), rate(reference)
             if round_:
-                rates[name].append(n / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in rates.items()}
+                rates[name].append(value)
+                ratios[name].append(value / ((before + after) / 2))
+                rates[reference].append(after)
+                ratios[reference].append(1.0)
+            before = after
+    return {name: (statistics.median(rates[name]), statistics.median(ratios[name])) for name in runs}
 
 
 def main() -> None:
@@ -134,17 +150,15 @@ def main() -> None:
                 name = f"DataLoader w={w}{suffix}"
                 runs[name] = loader_epoch(dataset, w, args.batch_size)
                 procs[name] = max(w, 1)
-        rows = measure(runs, args.repeats)
+        rows = measure(runs, args.repeats, reference="bare cv2 decode")
 
-    base = rows["bare cv2 decode"]
     mean_bytes = np.mean([len(p) for p in payloads])
     print(f"{n} images {args.size}x{args.size}, JPEG q={args.quality}, mean {mean_bytes:.0f} "
           f"bytes; batch {args.batch_size}; median of {args.repeats}; cv2 {cv2.__version__}, torch "
           f"{torch.__version__}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
     print(f"{'path':<30}{'img/s':>10}{'per_worker':>12}{'ratio':>8}")
-    for name, value in rows.items():
-        per = value / procs[name]
-        print(f"{name:<30}{value:>10.0f}{per:>12.0f}{per / base:>8.2f}")
+    for name, (value, ratio) in rows.items():
+        print(f"{name:<30}{value:>10.0f}{value / procs[name]:>12.0f}{ratio / procs[name]:>8.2f}")
 
 
 if __name__ == "__main__":

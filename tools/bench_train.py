@@ -13,8 +13,8 @@ Loader rows (same synthetic ``train.rec`` and the same run; helpers from ``bench
   ... float                the same with uint8_batches=False: float32 [B, 3, H, W] normalised on the CPU
 
 ``per_worker`` is images/s divided by the processes doing the work (1 for N=0); ``ratio`` is
-``per_worker`` over the bare decode rate (target: FaceDataModule >= 0.8). Medians of ``--repeats``
-passes taken round-robin after a warm-up round. Workers share the machine's cores with the main process.
+the median over ``--repeats`` rounds (after a warm-up round) of ``per_worker`` over the bare decode rate
+measured right before and after it (target: FaceDataModule >= 0.8); img/s are medians too. Workers share the machine's cores with the main process.
 
 Training row: ``EmbeddingModule`` (IResNet-50, ArcFace Partial FC over ``--num-classes`` classes, SGD)
 through Lightning's Trainer on one device, on an in-memory batch repeated (the loader is measured
@@ -81,9 +81,8 @@ def bench_loader(args: argparse.Namespace) -> List[Tuple[str, float, float, floa
             runs[f"FaceDataModule w={w} float"] = datamodule_epoch(tmp, w, args.batch_size, uint8=False)
             for name in (f"DataLoader w={w} shuffle", f"FaceDataModule w={w}", f"FaceDataModule w={w} float"):
                 procs[name] = max(w, 1)
-        rates = measure(runs, args.repeats)
-    base = rates["bare cv2 decode"]
-    return [(name, rate, rate / procs[name], rate / procs[name] / base) for name, rate in rates.items()]
+        rows = measure(runs, args.repeats, reference="bare cv2 decode")
+    return [(name, rate, rate / procs[name], ratio / procs[name]) for name, (rate, ratio) in rows.items()]
 
 
 class _RepeatedBatch(IterableDataset):

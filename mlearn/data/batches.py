@@ -3,16 +3,20 @@
 A DataLoader worker hands every batch to the main process in shared memory. A fresh shared-memory
 segment per batch costs a page fault on every 4 KiB page the worker writes: ~1,200 faults for a batch
 of 128 uint8 112x112 images, which on a virtual machine can cost as much as decoding the JPEGs
-(``evaluation/BENCHMARKS.md``). :class:`BatchAllocator` therefore keeps a few buffers per worker and
-reuses them: the batch travels as a :class:`PooledImageBatch`; the receiving process uses the images
-in place and, once no tensor views a buffer any more, clears its flag in a shared flag array, so a
-buffer is never rewritten while anyone can still see its contents.
+(``evaluation/BENCHMARKS.md``); and every shared tensor sent costs a file-descriptor hand-over (a
+connection to the worker's resource-sharer thread, ~1-5 ms). :class:`BatchAllocator` therefore keeps a
+few buffers per worker and reuses them, and a batch travels as a :class:`PooledImageBatch`: the
+buffer's handle only the first time, afterwards its slot number. The receiving process keeps the
+buffers mapped, hands out the images in place and, once no tensor views them any more, clears the
+buffer's flag in a shared flag array, so a buffer is never rewritten while anyone can still see its
+contents.
 """
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import threading
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,72 +45,126 @@ def empty_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return prototype.new(storage).view(tuple(shape))
 
 
-class _PendingReleases:
-    """The receiving side of pooled buffers: batches are handed out without a copy, and a buffer's
-    in-flight flag is cleared once no tensor uses its storage any more (checked at every receipt)."""
+class _WorkerPool:
+    """One worker process's reusable buffers. ``flags[slot]`` (shared memory) is 1 while buffer ``slot``
+    is in use; ``flags[capacity]`` becomes 1 when the pool is gone (the worker exited), so that receivers
+    unmap its buffers."""
+
+    def __init__(self, capacity: int) -> None:
+        self.token = f"{os.getpid()}-{os.urandom(8).hex()}"
+        self.flags = torch.zeros(capacity + 1, dtype=torch.uint8).share_memory_()
+        self.buffers: List[torch.Tensor] = []
+        self.shapes: List[Tuple[int, ...]] = []
+        self.generations: List[int] = []  # bumped when a slot gets a new buffer
+        self.sent: Dict[int, int] = {}  # slot -> generation whose handle has been sent
+        self.flags_sent = False
+        multiprocessing.util.Finalize(self, _close_pool, args=(self.flags,), exitpriority=0)
+
+    def message(self, slot: int, generation: int, buffer: torch.Tensor) -> Tuple[Any, ...]:
+        """What a batch in ``slot`` sends: ``(token, flags or None, slot, generation, buffer or None)``,
+        the shared tensors only to a receiver that does not have them yet."""
+        flags = None if self.flags_sent else self.flags
+        handle = None if self.sent.get(slot) == generation else buffer
+        self.flags_sent, self.sent[slot] = True, generation
+        return self.token, flags, slot, generation, handle
+
+
+def _close_pool(flags: torch.Tensor) -> None:
+    flags[-1] = 1
+
+
+class _Receiver:
+    """The receiving side of pooled batches: the pools' buffers (sent once each), and the slots whose
+    images are still in use (released, at every receipt, once no tensor views them)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the pin-memory thread and the main thread both receive
-        self._pending: List[Tuple[StorageWeakRef, torch.Tensor, int]] = []
+        self._pools: Dict[str, Tuple[torch.Tensor, Dict[int, Tuple[int, torch.Tensor]]]] = {}
+        self._in_use: List[Tuple[StorageWeakRef, torch.Tensor, int]] = []
 
-    def track(self, buffer: torch.Tensor, flags: torch.Tensor, slot: int) -> None:
+    def receive(self, token: str, flags: Optional[torch.Tensor], slot: int, generation: int,
+                handle: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(pool flags, buffer)`` of a received batch."""
         with self._lock:
-            self._pending.append((StorageWeakRef(buffer.untyped_storage()), flags, slot))
-            still = []
-            for ref, flag_array, flag_slot in self._pending:
-                if ref.expired():
-                    flag_array[flag_slot] = 0
-                else:
-                    still.append((ref, flag_array, flag_slot))
-            self._pending = still
+            self._release_unused()
+            if flags is not None:
+                self._pools[token] = (flags, {})
+            pool = self._pools.get(token)
+            if pool is not None and handle is not None:
+                pool[1][slot] = (generation, handle)
+            entry = None if pool is None else pool[1].get(slot)
+            if entry is None or entry[0] != generation:
+                raise RuntimeError(f"pooled batch from worker pool {token}, slot {slot}: its buffer was "
+                                   "never received here. A PooledImageBatch must be sent once, to the "
+                                   "process that iterates the DataLoader, in the order it was made.")
+            return pool[0], entry[1]
+
+    def hand_out(self, storage_owner: torch.Tensor, flags: torch.Tensor, slot: int) -> None:
+        """Release ``slot`` of ``flags`` once nothing uses the storage of ``storage_owner``."""
+        with self._lock:
+            self._in_use.append((StorageWeakRef(storage_owner.untyped_storage()), flags, slot))
+
+    def _release_unused(self) -> None:
+        still = []
+        for ref, flags, slot in self._in_use:
+            if ref.expired():
+                flags[slot] = 0
+            else:
+                still.append((ref, flags, slot))
+        self._in_use = still
+        for token in [token for token, (flags, _) in self._pools.items() if flags[-1]]:
+            del self._pools[token]  # the worker is gone: unmap (images still viewed stay mapped)
 
 
-_RELEASES = _PendingReleases()  # per process: the pooled buffers this process holds
+_RECEIVER = _Receiver()  # per process: the pooled buffers this process has received
 
 
-def _receive_pooled(buffer: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype, good: int,
-                    labels: np.ndarray, num_corrupt: int, flags: torch.Tensor, slot: int) -> ImageBatch:
+def _receive_pooled(token: str, flags: Optional[torch.Tensor], slot: int, generation: int,
+                    handle: Optional[torch.Tensor], shape: Tuple[int, ...], dtype: torch.dtype, good: int,
+                    labels: np.ndarray, num_corrupt: int) -> ImageBatch:
     """Unpickling a :class:`PooledImageBatch` (in the receiving process): the images stay in the
-    worker's buffer, which is released when the last tensor viewing it is gone."""
-    images = buffer.view(dtype).view(shape)[:good]
-    _RELEASES.track(buffer, flags, slot)
-    return ImageBatch(images, torch.from_numpy(labels), num_corrupt)
+    worker's buffer."""
+    flags, buffer = _RECEIVER.receive(token, flags, slot, generation, handle)
+    # a storage of its own over the buffer's memory: it dies with the last tensor handed out, which
+    # releases the slot, while the receiver keeps the buffer itself mapped for the next batch in it
+    own = torch.from_numpy(buffer.numpy())
+    _RECEIVER.hand_out(own, flags, slot)
+    return ImageBatch(own.view(dtype).view(shape)[:good], torch.from_numpy(labels), num_corrupt)
 
 
 class PooledImageBatch(ImageBatch):
     """An :class:`ImageBatch` whose images are the first rows of buffer ``slot`` of a worker's pool.
 
     Pickled (sent to the main process), it arrives as a plain :class:`ImageBatch` viewing the same
-    shared memory; the worker reuses the buffer only after every tensor over it is gone. The labels
-    travel by value.
+    shared memory, and the worker reuses the buffer only after every tensor over it is gone there. The
+    buffer's handle travels with the first batch in it only: send each batch once, to the process that
+    iterates the DataLoader (as the DataLoader does). The labels travel by value.
     """
 
+    pool: _WorkerPool
+    slot: int
+    generation: int
     buffer: torch.Tensor
     full_shape: Tuple[int, ...]
-    flags: torch.Tensor
-    slot: int
 
     def __reduce__(self) -> Tuple[Any, ...]:
-        return _receive_pooled, (self.buffer, self.full_shape, self.images.dtype, len(self.labels),
-                                 self.labels.numpy(), self.num_corrupt, self.flags, self.slot)
+        return _receive_pooled, (*self.pool.message(self.slot, self.generation, self.buffer), self.full_shape,
+                                 self.images.dtype, len(self.labels), self.labels.numpy(), self.num_corrupt)
 
 
 class BatchAllocator:
     """Batch tensors: ``torch.empty`` in the main process; in a DataLoader worker, up to ``capacity``
     reusable shared-memory buffers (a fresh segment when all are in use).
 
-    A pooled buffer is a uint8 shared-memory tensor of the batch's bytes; ``flags[slot]`` (shared
-    memory too) is 1 while it is in use: set by the worker when it fills the buffer, cleared by the
-    receiving process once no tensor there views it. One allocator per dataset object; a forked or
+    A pooled buffer is a uint8 shared-memory tensor of the batch's bytes, in use from :meth:`allocate`
+    until the receiving process no longer views it. One allocator per dataset object; a forked or
     spawned worker starts its own pool.
     """
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = int(capacity)
         self._pid = -1
-        self._flags: Optional[torch.Tensor] = None
-        self._buffers: List[torch.Tensor] = []
-        self._shapes: List[Tuple[int, ...]] = []
+        self._pool: Optional[_WorkerPool] = None
 
     def __getstate__(self) -> dict:
         return {"capacity": self.capacity}
@@ -120,31 +178,35 @@ class BatchAllocator:
         if get_worker_info() is None or self.capacity < 1:
             return empty_batch(shape, dtype), -1
         if self._pid != os.getpid():
-            self._flags = torch.zeros(self.capacity, dtype=torch.uint8).share_memory_()
-            self._buffers, self._shapes, self._pid = [], [], os.getpid()
-        assert self._flags is not None
+            self._pool, self._pid = _WorkerPool(self.capacity), os.getpid()
+        pool = self._pool
+        assert pool is not None
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
         with _FENCE:
-            flags = self._flags.numpy()
-            slot = next((i for i in range(len(self._buffers)) if flags[i] == 0), None)
+            flags = pool.flags.numpy()
+            slot = next((i for i in range(len(pool.buffers)) if flags[i] == 0), None)
             if slot is None:
-                if len(self._buffers) == self.capacity:
+                if len(pool.buffers) == self.capacity:
                     return empty_batch(shape, dtype), -1
-                slot = len(self._buffers)
-                self._buffers.append(empty_batch((nbytes,), torch.uint8))
-                self._shapes.append(shape)
-            elif self._buffers[slot].numel() != nbytes:  # a batch of another size: replace the free buffer
-                self._buffers[slot] = empty_batch((nbytes,), torch.uint8)
-            self._shapes[slot] = shape
+                slot = len(pool.buffers)
+                pool.buffers.append(empty_batch((nbytes,), torch.uint8))
+                pool.shapes.append(shape)
+                pool.generations.append(0)
+            elif pool.buffers[slot].numel() != nbytes:  # a batch of another size: replace the free buffer
+                pool.buffers[slot] = empty_batch((nbytes,), torch.uint8)
+                pool.generations[slot] += 1
+            pool.shapes[slot] = shape
             flags[slot] = 1
-        return self._buffers[slot].view(dtype).view(shape), slot
+        return pool.buffers[slot].view(dtype).view(shape), slot
 
     def batch(self, images: torch.Tensor, labels: torch.Tensor, num_corrupt: int, slot: int) -> ImageBatch:
         """The batch to return: a :class:`PooledImageBatch` for a pooled buffer (``slot >= 0``), whose
         ``images`` are the first rows of the tensor :meth:`allocate` gave."""
         if slot < 0:
             return ImageBatch(images, labels, num_corrupt)
+        pool = self._pool
+        assert pool is not None
         batch = PooledImageBatch(images, labels, num_corrupt)
-        batch.buffer, batch.full_shape = self._buffers[slot], self._shapes[slot]
-        batch.flags, batch.slot = self._flags, slot
+        batch.pool, batch.slot, batch.generation = pool, slot, pool.generations[slot]
+        batch.buffer, batch.full_shape = pool.buffers[slot], pool.shapes[slot]
         return batch
