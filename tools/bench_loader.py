@@ -9,6 +9,7 @@ temporary folder, then measures, in the same run and over the same records:
   dataset[i], no aug     RecordIODataset: positional read + unpack + decode
   dataset[i], standard   ... + flip + normalise to a float32 [3, H, W] tensor (the default output)
   DataLoader w=N         batches through torch's DataLoader with N workers and collate_skip_corrupt
+                         (loader rows: the steady rate of each pass, from its first batch on)
   ... uint8              the same with ``build_transform(..., output="uint8")``: uint8 [H, W, 3]
                          tensors, normalised later on the device (not included in the timing)
 
@@ -31,7 +32,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple, Union
 
 import cv2
 import numpy as np
@@ -60,20 +61,29 @@ def make_rec(root: Path, count: int, size: int, quality: int, classes: int, seed
     return payloads
 
 
-def loader_epoch(dataset: RecordIODataset, workers: int, batch_size: int) -> Callable[[], int]:
+def steady_pass(batches: Iterable[Any]) -> Tuple[int, float]:
+    """``(images, seconds)`` of one pass over a loader, counted from its first batch on: the steady rate,
+    without the start-up a training epoch of millions of images pays once (workers resuming, receiving
+    their first indices and filling the first batches), which on a pass of a few thousand images would
+    weigh several percent."""
+    batches = iter(batches)
+    next(batches)
+    start = time.perf_counter()
+    n = sum(len(labels) for _, labels, _ in batches)
+    return n, time.perf_counter() - start
+
+
+def loader_epoch(dataset: RecordIODataset, workers: int, batch_size: int) -> Callable[[], Tuple[int, float]]:
     """One pass over ``dataset`` through a DataLoader (workers persist between passes)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                         collate_fn=collate_skip_corrupt, persistent_workers=workers > 0)
-
-    def epoch() -> int:
-        return sum(len(labels) for _, labels, _ in loader)
-
-    return epoch
+    return lambda: steady_pass(loader)
 
 
-def measure(runs: Dict[str, Callable[[], int]], repeats: int, reference: str) -> Dict[str, Tuple[float, float]]:
+def measure(runs: Dict[str, Callable[[], Union[int, Tuple[int, float]]]], repeats: int,
+            reference: str) -> Dict[str, Tuple[float, float]]:
     """``{name: (median images/s, median ratio to the reference)}`` over ``repeats`` rounds (after one
-    warm-up round). In every round the reference runs before the first row, between every two rows
+    warm-up round). A run returns its image count (and is timed whole) or ``(images, seconds)``. In every round the reference runs before the first row, between every two rows
     and after the last, and a row's ratio is its rate over the mean rate of the reference passes just
     before and after it: on a shared machine whose speed drifts by tens of percent within seconds,
     only such neighbouring passes see the same machine."""
@@ -83,8 +93,9 @@ def measure(runs: Dict[str, Callable[[], int]], repeats: int, reference: str) ->
 
     def rate(name: str) -> float:
         start = time.perf_counter()
-        n = runs[name]()
-        return n / (time.perf_counter() - start)
+        result = runs[name]()
+        n, seconds = result if isinstance(result, tuple) else (result, time.perf_counter() - start)
+        return n / seconds
 
     for round_ in range(repeats + 1):
         before = rate(reference)

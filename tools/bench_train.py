@@ -12,7 +12,8 @@ Loader rows (same synthetic ``train.rec`` and the same run; helpers from ``bench
                            shared-memory buffers in workers
   ... float                the same with uint8_batches=False: float32 [B, 3, H, W] normalised on the CPU
 
-``per_worker`` is images/s divided by the processes doing the work (1 for N=0); ``ratio`` is
+Loader rows count each pass from its first batch on (the steady rate: an epoch of millions of images pays
+the workers' start-up once). ``per_worker`` is images/s divided by the processes doing the work (1 for N=0); ``ratio`` is
 the median over ``--repeats`` rounds (after a warm-up round) of ``per_worker`` over the bare decode rate
 measured right before and after it (target: FaceDataModule >= 0.8); img/s are medians too. Workers share the machine's cores with the main process.
 
@@ -38,7 +39,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from bench_loader import loader_epoch, make_rec, measure  # tools/ (this script's folder) is on sys.path
+from bench_loader import loader_epoch, make_rec, measure, steady_pass  # tools/ (this script's folder) is on sys.path
 from torch.utils.data import DataLoader, IterableDataset
 
 from mlearn.data.corrupt import decode_image
@@ -47,17 +48,19 @@ from mlearn.data.recordio import RecordIODataset
 from mlearn.data.transforms import build_transform
 
 
-def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = True) -> Callable[[], int]:
-    """One pass of FaceDataModule's training loader (workers persist between passes)."""
+def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = True
+                     ) -> Callable[[], Tuple[int, float]]:
+    """One epoch of FaceDataModule's training loader (workers persist between epochs), timed as
+    :func:`bench_loader.steady_pass`."""
     data = FaceDataModule(root, batch_size=batch_size, num_workers=workers, augmentation="standard",
                           uint8_batches=uint8)
     loader = data.train_dataloader()
     epoch = [0]
 
-    def run() -> int:
+    def run() -> Tuple[int, float]:
         loader.sampler.set_epoch(epoch[0])
         epoch[0] += 1
-        return sum(len(labels) for _, labels, _ in loader)
+        return steady_pass(loader)
 
     return run
 

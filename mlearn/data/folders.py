@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -71,18 +71,31 @@ class IdentityImageDataset(Dataset):
         """Decode sample ``index``: uint8 [H, W, 3] RGB; raises :class:`CorruptSampleError`."""
         return decode_image(self.read_bytes(index), lambda: self.describe(index))
 
-    def _decode(self, index: int, data: bytes) -> np.ndarray:
-        return decode_image(data, lambda: self.describe(index))
-
     def _unless_corrupt(self, index: int, read: Callable[..., Any], *args: Any) -> Any:
         """``read(*args)`` for sample ``index``; ``None`` if the sample is corrupt (raised if ``strict``)."""
         try:
             return read(*args)
         except CorruptSampleError as exc:
-            if self.strict:
-                raise
-            log.debug("skipping corrupt sample %d: %s", index, exc)
+            self._skip(index, exc)
             return None
+
+    def _skip(self, index: int, error: CorruptSampleError) -> None:
+        if self.strict:
+            raise error
+        log.debug("skipping corrupt sample %d: %s", index, error)
+
+    def _decoded(self, indices: Sequence[int], encoded: Sequence[Optional[bytes]]
+                 ) -> Iterator[Optional[np.ndarray]]:
+        """The images of ``encoded`` decoded one at a time; ``None`` for an unreadable or corrupt one."""
+        for index, data in zip(indices, encoded):
+            if data is None:
+                yield None
+                continue
+            try:  # inline, not through _unless_corrupt: this loop runs once per training image
+                yield decode_image(data, lambda: self.describe(index))
+            except CorruptSampleError as exc:
+                self._skip(index, exc)
+                yield None
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         image = self._unless_corrupt(index, self.load_image, index)
@@ -117,9 +130,7 @@ class IdentityImageDataset(Dataset):
                                                             transform.sample_dtype)
         # decoded one at a time as fill_batch consumes them: each image is written out while it is
         # still in the cache, and the decoder reuses one freed block instead of 128 of them
-        decoded = (None if data is None else self._unless_corrupt(index, self._decode, index, data)
-                   for index, data in zip(indices, encoded))
-        written = transform.fill_batch(decoded, images.numpy(), streams)
+        written = transform.fill_batch(self._decoded(indices, encoded), images.numpy(), streams)
         labels = torch.from_numpy(self.labels[np.asarray([indices[j] for j in written], dtype=np.int64)])
         good = len(written)
         return self.batch_allocator.batch(images[:good], labels, len(indices) - good, buffer_slot)

@@ -292,10 +292,14 @@ class RecordIOReader:
         sizes = self.spans[pos] if len(self.keys) else np.zeros(len(keys), dtype=np.int64)
         offsets = self.offsets[pos] if len(self.keys) else sizes
         readable = known & (sizes <= _BIG_SPAN)
+        if self._pid != os.getpid():
+            self._open()
+        fd = self._fd  # os.pread directly (once per training image); self._pread where there is no fd
         out: List[Optional[bytes]] = []
         for ok, offset, size in zip(readable.tolist(), offsets.tolist(), sizes.tolist()):
             try:
-                out.append(self._pread(offset, size) if ok else None)
+                out.append(None if not ok else os.pread(fd, size, offset) if fd is not None
+                           else self._pread(offset, size))
             except OSError:
                 out.append(None)
         return out
@@ -623,9 +627,11 @@ class RecordIODataset(IdentityImageDataset):
 
     def read_many(self, indices: Sequence[int]) -> List[Optional[bytes]]:
         spans = self.reader.read_spans(self.image_keys[np.asarray(indices, dtype=np.int64)])
-        payloads = [_single_part_payload(span) for span in spans]
-        return [data if data is not None else self._unless_corrupt(index, self._read_general, index)
-                for index, data in zip(indices, payloads)]
+        out = []
+        for index, span in zip(indices, spans):
+            data = _single_part_payload(span)
+            out.append(data if data is not None else self._unless_corrupt(index, self._read_general, index))
+        return out
 
 
 def _single_part_payload(span: Optional[bytes]) -> Optional[bytes]:
