@@ -148,7 +148,7 @@ def main() -> None:
                 return n
             return run
 
-        runs: Dict[str, Callable[[], int]] = {
+        runs: Dict[str, Callable[[], Union[int, Tuple[int, float]]]] = {
             "bare cv2 decode": bare_cv2,
             "bare PIL decode": bare_pil,
             "dataset[i], no aug": items(plain),

@@ -4,6 +4,8 @@ order of FaceDataModule) against a bare JPEG-decode loop, and IResNet-50 + Parti
 Loader rows (same synthetic ``train.rec`` and the same run; helpers from ``bench_loader.py``):
 
   bare cv2 decode          cv2.imdecode of the JPEG bytes already in memory: the reference (ratio 1)
+  minimal loop             the floor of a Python loader: pread, decode and copy (half of them mirrored) into
+                           a preallocated uint8 batch, nothing else
   DataLoader w=N shuffle   RecordIODataset + ``standard`` augmentation through a plain shuffled DataLoader,
                            one sample at a time, float32 output, default_collate (the textbook loader)
   FaceDataModule w=N       FaceDataModule.train_dataloader(), what training uses: the epoch-permutation
@@ -34,8 +36,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple, Union
 
+import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -44,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mlearn.data.corrupt import decode_image
 from mlearn.data.datamodule import FaceDataModule
-from mlearn.data.recordio import RecordIODataset
+from mlearn.data.recordio import IR_SIZE, RecordIODataset
 from mlearn.data.transforms import build_transform
 
 
@@ -65,6 +68,34 @@ def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = Tru
     return run
 
 
+def minimal_loop(dataset: RecordIODataset, batch_size: int, size: int) -> Callable[[], int]:
+    """The floor of a Python training loader, for reference: per record of a shuffled epoch, one ``pread``
+    of its span, ``cv2.imdecode`` of the payload, and a copy into a preallocated uint8 batch (every
+    other image mirrored by ``cv2.flip``); no checks, no sampler, no seeds, no collation."""
+    reader = dataset.reader
+    fd = os.open(reader.rec_path, os.O_RDONLY)
+    offsets = reader.offsets[dataset.image_keys].tolist()
+    spans = reader.spans[dataset.image_keys].tolist()
+    payload_at = 8 + IR_SIZE  # a single-part record: frame words, IRHeader, then the JPEG
+    flag = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+    order = np.random.default_rng(0).permutation(len(offsets))
+    usable = len(order) // batch_size * batch_size
+
+    def run() -> int:
+        for start in range(0, usable, batch_size):
+            out = np.empty((batch_size, size, size, 3), dtype=np.uint8)
+            for k, i in enumerate(order[start:start + batch_size].tolist()):
+                image = cv2.imdecode(np.frombuffer(os.pread(fd, spans[i], offsets[i]), np.uint8,
+                                                   offset=payload_at), flag)
+                if k % 2:
+                    cv2.flip(image, 1, out[k])
+                else:
+                    out[k] = image
+        return usable
+
+    return run
+
+
 def bench_loader(args: argparse.Namespace) -> List[Tuple[str, float, float, float]]:
     """Rows ``(name, images/s, per worker, ratio to bare decode)``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,8 +107,11 @@ def bench_loader(args: argparse.Namespace) -> List[Tuple[str, float, float, floa
                 decode_image(data, "bench")
             return len(payloads)
 
-        runs: Dict[str, Callable[[], int]] = {"bare cv2 decode": bare_cv2}
-        procs = {"bare cv2 decode": 1}
+        runs: Dict[str, Callable[[], Union[int, Tuple[int, float]]]] = {
+            "bare cv2 decode": bare_cv2,
+            "minimal loop": minimal_loop(augmented, args.batch_size, args.size),
+        }
+        procs = {"bare cv2 decode": 1, "minimal loop": 1}
         for w in args.workers:
             runs[f"DataLoader w={w} shuffle"] = loader_epoch(augmented, w, args.batch_size)
             runs[f"FaceDataModule w={w}"] = datamodule_epoch(tmp, w, args.batch_size)
