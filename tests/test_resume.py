@@ -262,3 +262,86 @@ def test_uint8_batches_train_like_float_batches(rec: Path) -> None:
         with torch.no_grad():
             losses.append(module.training_step(batch, 0))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ speakers
+
+SPEAKERS = dict(num_speakers=3, utterances_per_speaker=4, videos_per_speaker=2, num_val_speakers=2,
+                val_utterances_per_speaker=2, num_val_trials=4, min_seconds=0.4, max_seconds=0.9,
+                augmentation_files=1)  # 12 training utterances: 3 batches of 4 per epoch
+
+
+def speaker_data(root: Path, num_workers: int = 0) -> "SpeakerDataModule":
+    from mlearn.data.speaker_datamodule import SpeakerDataModule
+
+    return SpeakerDataModule(str(root), batch_size=4, num_workers=num_workers, crop_seconds=0.5,
+                             speeds=[1.0, 1.1], aug_prob=0.8, noise_dir=str(root / "musan"),
+                             rir_dir=str(root / "rirs"), synthetic=SPEAKERS, seed=5)
+
+
+@pytest.fixture(scope="module")
+def speakers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("speakers")
+    speaker_data(root).dataset  # generates the corpus
+    return root
+
+
+def test_speaker_crops_and_augmentation_are_seeded_per_sample(speakers: Path) -> None:
+    """Crops, speed factors and reverb/noise come from each sample's stream: the batches of two epochs
+    are the same with 0 and 2 workers, equal the per-sample reference, and differ between epochs."""
+    def epochs(workers: int) -> list:
+        data = speaker_data(speakers, num_workers=workers)
+        loader = data.train_dataloader()
+        batches = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            batches += list(loader)
+        return batches
+
+    in_process, with_workers = epochs(0), epochs(2)
+    assert len(in_process) == len(with_workers) == 6
+    for a, b in zip(in_process, with_workers):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        assert a[1].tolist() == b[1].tolist()
+    data = speaker_data(speakers)
+    loader = data.train_dataloader()
+    keys = list(loader.sampler)[:4]
+    reference = [EpochSeededDataset(data.dataset, seed=5)[key][0] for key in keys]
+    torch.testing.assert_close(in_process[0][0], torch.stack(reference), rtol=0, atol=0)
+    assert set(in_process[0][1].tolist()) <= set(range(6))  # 3 speakers x 2 speeds
+    epoch0 = torch.cat([b[0] for b in in_process[:3]])
+    epoch1 = torch.cat([b[0] for b in in_process[3:]])
+    assert not torch.equal(epoch0, epoch1)
+
+
+def train_speaker(root: Path, run_dir: Path, max_steps: int, every: int, kill: Optional[int] = None,
+                  ckpt_path: Optional[str] = None) -> EmbeddingModule:
+    from mlearn.heads import ArcFace
+    from mlearn.models import ECAPA_TDNN
+
+    torch.manual_seed(0)
+    backbone = ECAPA_TDNN(channels=16, embedding_size=16, mfa_channels=48, se_bottleneck=8,
+                          attention_bottleneck=8)
+    module = EmbeddingModule(backbone, HeadConfig(margin=ArcFace(s=16.0, m=0.2), sample_rate=1.0),
+                             num_classes=6, warmup_epochs=1.0, schedule="cosine")
+    checkpoints = ModelCheckpoint(dirpath=run_dir, every_n_train_steps=every, save_last=True, save_top_k=-1)
+    callbacks: List[pl.Callback] = [checkpoints] if kill is None else [Kill(kill), checkpoints]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir)
+    trainer.fit(module, datamodule=speaker_data(root), ckpt_path=ckpt_path, weights_only=False)
+    return module
+
+
+def test_speaker_kill_and_resume_equals_straight_run(speakers: Path, tmp_path: Path) -> None:
+    """Mid-epoch (step 2 of 3) resume of a speaker run, across the epoch boundary, with fbank dither,
+    speed perturbation, reverb and noise: the same weights as 4 steps straight."""
+    straight = weights(train_speaker(speakers, tmp_path / "straight", max_steps=4, every=2))
+    with pytest.raises(KeyError, match="killed"):
+        train_speaker(speakers, tmp_path / "resumed", max_steps=4, every=2, kill=2)
+    last = tmp_path / "resumed" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["SpeakerDataModule"] == {"seed": 5, "epoch": 0, "samples": 8, "global_batch": 4}
+    resumed = weights(train_speaker(speakers, tmp_path / "resumed", max_steps=4, every=2, ckpt_path=str(last)))
+    assert not torch.equal(checkpoint["state_dict"]["head.weight"], straight["head.weight"])
+    assert_same(resumed, straight)

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -246,6 +246,7 @@ class SpeakerAudioDataset(Dataset):
         self.strict = strict
         self._rng_key: Optional[Tuple[int, int]] = None
         self._generator: Optional[np.random.Generator] = None
+        self.random_generator: Optional[np.random.Generator] = None  # of set_random_state
 
     # ---------------------------------------------------------------------------- bookkeeping
 
@@ -289,8 +290,22 @@ class SpeakerAudioDataset(Dataset):
 
     # ---------------------------------------------------------------------------- loading
 
+    @property
+    def draws_randomly(self) -> bool:
+        """Whether loading a sample draws random numbers (a crop, a speed factor, an augmentation)."""
+        return self.num_samples is not None or len(self.speeds) > 1 or self.augment is not None
+
+    def set_random_state(self, numpy_generator: np.random.Generator, python_random: Any = None) -> None:
+        """Draw every crop, speed factor and augmentation from ``numpy_generator`` from now on (as
+        :class:`mlearn.data.samplers.EpochSeededDataset` does, re-seeding it for every sample);
+        ``python_random`` is not used."""
+        self.random_generator = numpy_generator
+
     def rng(self) -> np.random.Generator:
-        """A generator per process, seeded from torch's (distinct per DataLoader worker and epoch)."""
+        """The generator of :meth:`set_random_state`, else one per process, seeded from torch's
+        (distinct per DataLoader worker and epoch)."""
+        if self.random_generator is not None:
+            return self.random_generator
         key = (os.getpid(), torch.initial_seed())
         if self._rng_key != key:
             self._generator = np.random.default_rng(key[1])

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader
 
-from mlearn.data.corrupt import collate_skip_corrupt
 from mlearn.data.folders import open_dataset, save_run_label_map
-from mlearn.data.samplers import EpochPermutationSampler, EpochSeededDataset
+from mlearn.data.resumable import ResumableDataModule
 from mlearn.data.synthetic import make_face_dataset
 from mlearn.data.transforms import build_transform
 
@@ -20,15 +16,10 @@ log = logging.getLogger(__name__)
 
 
 
-class FaceDataModule(pl.LightningDataModule):
-    """Training data for face identity embeddings, in a seeded, resumable order.
-
-    Epoch ``e`` visits the samples in the permutation drawn from ``(seed, e)``, cut into global
-    batches shared out over the ranks, and augments sample ``i`` with a random state seeded from
-    ``(seed, e, i)`` (:mod:`mlearn.data.samplers`): the stream of batches does not depend on the
-    number of DataLoader workers, and the position in it is saved in every checkpoint
-    (:meth:`state_dict`, which Lightning stores), so ``--ckpt_path last`` resumes mid-epoch exactly
-    where the run stopped.
+class FaceDataModule(ResumableDataModule):
+    """Training data for face identity embeddings, in a seeded, resumable order
+    (:class:`~mlearn.data.resumable.ResumableDataModule`: ``--ckpt_path last`` resumes mid-epoch
+    exactly where the run stopped, whatever the number of DataLoader workers).
 
     Args:
         root: the training set: a folder with ``train.rec``/``train.idx`` (insightface RecordIO), an
@@ -65,7 +56,7 @@ class FaceDataModule(pl.LightningDataModule):
         uint8_batches: bool = True,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         self.root = root
         self.expected_num_classes = num_classes
         self.batch_size = batch_size
@@ -74,12 +65,9 @@ class FaceDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.strict = strict
         self.synthetic = synthetic
-        self.seed = seed
         self.uint8_batches = uint8_batches
         self.pin_memory = pin_memory
         self._dataset: Any = None
-        self._sampler: Optional[EpochPermutationSampler] = None
-        self._resume: Optional[Dict[str, int]] = None
 
     @property
     def train_path(self) -> Path:
@@ -107,63 +95,5 @@ class FaceDataModule(pl.LightningDataModule):
             log.info("training set %s: %d images, %d identities", self.train_path, len(self.dataset),
                      self.num_classes)
 
-    def _ranks(self) -> tuple:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        return int(trainer.world_size), int(trainer.global_rank)
-
-    def build_sampler(self) -> EpochPermutationSampler:
-        """This process's sampler, positioned where a loaded checkpoint stopped (else epoch 0, start 0)."""
-        world, rank = self._ranks()
-        epoch, start = 0, 0
-        if self._resume is not None:
-            epoch, start = self._resume["epoch"], self._resume["samples"]
-            self._resume = None  # a later reload of the dataloader starts from the loop's own epoch
-        return EpochPermutationSampler(len(self.dataset), self.batch_size, seed=self.seed, num_replicas=world,
-                                       rank=rank, epoch=epoch, start=start)
-
     def train_dataloader(self) -> DataLoader:
-        self._sampler = self.build_sampler()
-        return DataLoader(
-            EpochSeededDataset(self.dataset, self.seed),
-            batch_size=self.batch_size,
-            sampler=self._sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_skip_corrupt,
-            drop_last=True,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            # a private generator: creating an iterator must not draw from the global RNG, whose
-            # state the module restores on resume (worker seeds do not matter: augmentation is seeded
-            # per sample)
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def state_dict(self) -> Dict[str, Any]:
-        """The sample-order position: ``{seed, epoch, samples, global_batch}`` (``samples``: global
-        samples of ``epoch`` consumed). Lightning stores it in every checkpoint."""
-        trainer = self.trainer
-        if trainer is None or self._sampler is None:
-            return {}
-        batches = int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
-        per_epoch = trainer.num_training_batches
-        if not isinstance(per_epoch, int) or per_epoch <= 0:
-            return {}
-        epoch, within = divmod(batches, per_epoch)
-        global_batch = self._sampler.global_batch
-        return {"seed": self.seed, "epoch": epoch, "samples": within * global_batch,
-                "global_batch": global_batch}
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Position the next :meth:`train_dataloader` where ``state_dict`` (of :meth:`state_dict`) stopped."""
-        if not state_dict:
-            return
-        if int(state_dict.get("seed", self.seed)) != self.seed:
-            log.warning("resuming with data seed %d, the checkpoint used %s: the sample order changes",
-                        self.seed, state_dict["seed"])
-        self._resume = {"epoch": int(state_dict["epoch"]), "samples": int(state_dict["samples"])}
-        # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is stateful;
-        # here the data module restores the position instead
-        warnings.filterwarnings("ignore",
-                                message="You're resuming from a checkpoint that ended before the epoch")
+        return self.seeded_dataloader(self.dataset, self.batch_size, self.num_workers, self.pin_memory)

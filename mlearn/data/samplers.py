@@ -243,7 +243,9 @@ def reseed_transform(transform: Any, generators: Tuple[np.random.Generator, rand
     """Make the augmentations of ``transform`` draw from ``generators`` (shared by all of them); returns
     False when ``transform`` draws nothing.
 
-    Handles :class:`mlearn.data.transforms.ImageTransform` and a bare ``albumentations.Compose``.
+    Handles anything with ``set_random_state(numpy_generator, python_random)`` (and ``draws_randomly``,
+    ``random_generator``): :class:`mlearn.data.transforms.ImageTransform`, a bare ``albumentations.Compose``,
+    :class:`mlearn.data.audio.SpeakerAudioDataset`.
     ``set_random_state``, not ``set_random_seed``: the latter gives every transform of the pipeline its
     own generator from the SAME seed, so all their first draws coincide (a flip and a crop applied
     together or not at all).
@@ -256,8 +258,9 @@ def reseed_transform(transform: Any, generators: Tuple[np.random.Generator, rand
 
 
 class EpochSeededDataset(Dataset):
-    """``dataset[(index, epoch)]`` -> ``dataset[index]``, its augmentation (``dataset.transform``) drawing
-    from the streams of :func:`sample_generators` ``(seed, epoch, index)``.
+    """``dataset[(index, epoch)]`` -> ``dataset[index]``, its random draws (the dataset's own, if it has
+    ``set_random_state``, else ``dataset.transform``'s) from the streams of :func:`sample_generators`
+    ``(seed, epoch, index)``.
 
     A DataLoader fetches whole batches through :meth:`__getitems__`: with a dataset that has
     ``load_batch`` (:class:`mlearn.data.folders.IdentityImageDataset`) the batch is assembled in place
@@ -274,9 +277,12 @@ class EpochSeededDataset(Dataset):
         return len(self.dataset)
 
     def _draws_randomly(self) -> bool:
-        """Points the dataset's augmentation at ``self.generators``; False when it has none."""
-        transform: Optional[Any] = getattr(self.dataset, "transform", None)
-        return transform is not None and reseed_transform(transform, self.generators)
+        """Points the dataset's random draws (its own, or its ``transform``'s) at ``self.generators``;
+        False when it draws none."""
+        drawer: Optional[Any] = self.dataset
+        if getattr(drawer, "set_random_state", None) is None:
+            drawer = getattr(self.dataset, "transform", None)
+        return drawer is not None and reseed_transform(drawer, self.generators)
 
     def __getitem__(self, key: SampleKey) -> Any:
         index, epoch = key

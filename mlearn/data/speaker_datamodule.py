@@ -5,22 +5,24 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
 from mlearn.data.audio import SAMPLE_RATE, SpeakerAudioDataset, open_audio_dataset
 from mlearn.data.audio_augment import build_augmentation
-from mlearn.data.corrupt import collate_skip_corrupt
 from mlearn.data.fbank import INPUT_SCALE, KaldiFbank
 from mlearn.data.folders import save_run_label_map
+from mlearn.data.resumable import ResumableDataModule
 
 log = logging.getLogger(__name__)
 
 
 
-class SpeakerDataModule(pl.LightningDataModule):
-    """Training data for speaker embeddings: waveform crops in the loader, fbank on the device.
+class SpeakerDataModule(ResumableDataModule):
+    """Training data for speaker embeddings: waveform crops in the loader, fbank on the device, in a
+    seeded, resumable order (:class:`~mlearn.data.resumable.ResumableDataModule`: every crop, speed
+    factor and augmentation is drawn from the sample's own random stream, and ``--ckpt_path last``
+    resumes mid-epoch exactly where the run stopped).
 
     The DataLoader yields ``(waveforms float32 [B, N] in [-1, 1], labels [B], num_corrupt)``;
     :meth:`on_after_batch_transfer` (run by Lightning on the training device) turns the waveforms
@@ -47,6 +49,7 @@ class SpeakerDataModule(pl.LightningDataModule):
             units, applied in training only).
         strict: raise on a corrupt utterance instead of skipping and counting it.
         synthetic: keyword arguments of :func:`mlearn.data.synthetic_speech.make_speaker_dataset`.
+        seed: seed of the sample order and of the crops and augmentations.
     """
 
     def __init__(
@@ -69,8 +72,9 @@ class SpeakerDataModule(pl.LightningDataModule):
         dither: float = 1.0,
         strict: bool = False,
         synthetic: Optional[Dict[str, Any]] = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         self.root = root
         self.expected_num_speakers = num_speakers
         self.batch_size = batch_size
@@ -121,15 +125,7 @@ class SpeakerDataModule(pl.LightningDataModule):
                      self.speeds, self.dataset.augment)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            collate_fn=collate_skip_corrupt,
-            drop_last=True,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.seeded_dataloader(self.dataset, self.batch_size, self.num_workers)
 
     def features(self, waveforms: torch.Tensor) -> torch.Tensor:
         """waveforms float [B, N] in [-1, 1] -> mean-normalised log-mel fbank [B, T, num_mel_bins]."""
