@@ -77,7 +77,8 @@ def test_all_corrupt_batch_and_strict_mode(rec_with_corrupt: Path) -> None:
 
 
 def _received_buffer_addresses() -> set:
-    return {buffer.data_ptr() for _, slots in batches._RECEIVER._pools.values() for _, buffer in slots.values()}
+    pools = batches._RECEIVER._pools.values()
+    return {buffer.data_ptr() for _, slots in pools for _, buffer in slots.values()}
 
 
 def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Path) -> None:

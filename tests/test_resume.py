@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_utils import write_palette_rec
 from mlearn.data.datamodule import FaceDataModule
+from mlearn.data.speaker_datamodule import SpeakerDataModule
 from mlearn.data.samplers import (
     EpochPermutationSampler,
     EpochSeededDataset,
@@ -21,8 +22,8 @@ from mlearn.data.samplers import (
     sample_generators,
 )
 from mlearn.data.transforms import build_transform
-from mlearn.heads import AdaFace
-from mlearn.models import IResNet
+from mlearn.heads import AdaFace, ArcFace
+from mlearn.models import ECAPA_TDNN, IResNet
 from mlearn.module import EmbeddingModule, HeadConfig
 
 CLASSES, PER_CLASS, SIZE, BATCH = 4, 8, 32, 8  # 32 images: 4 batches per epoch
@@ -271,9 +272,7 @@ SPEAKERS = dict(num_speakers=3, utterances_per_speaker=4, videos_per_speaker=2, 
                 augmentation_files=1)  # 12 training utterances: 3 batches of 4 per epoch
 
 
-def speaker_data(root: Path, num_workers: int = 0) -> "SpeakerDataModule":
-    from mlearn.data.speaker_datamodule import SpeakerDataModule
-
+def speaker_data(root: Path, num_workers: int = 0) -> SpeakerDataModule:
     return SpeakerDataModule(str(root), batch_size=4, num_workers=num_workers, crop_seconds=0.5,
                              speeds=[1.0, 1.1], aug_prob=0.8, noise_dir=str(root / "musan"),
                              rir_dir=str(root / "rirs"), synthetic=SPEAKERS, seed=5)
@@ -316,9 +315,6 @@ def test_speaker_crops_and_augmentation_are_seeded_per_sample(speakers: Path) ->
 
 def train_speaker(root: Path, run_dir: Path, max_steps: int, every: int, kill: Optional[int] = None,
                   ckpt_path: Optional[str] = None) -> EmbeddingModule:
-    from mlearn.heads import ArcFace
-    from mlearn.models import ECAPA_TDNN
-
     torch.manual_seed(0)
     backbone = ECAPA_TDNN(channels=16, embedding_size=16, mfa_channels=48, se_bottleneck=8,
                           attention_bottleneck=8)
@@ -342,6 +338,7 @@ def test_speaker_kill_and_resume_equals_straight_run(speakers: Path, tmp_path: P
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == 2
     assert checkpoint["SpeakerDataModule"] == {"seed": 5, "epoch": 0, "samples": 8, "global_batch": 4}
-    resumed = weights(train_speaker(speakers, tmp_path / "resumed", max_steps=4, every=2, ckpt_path=str(last)))
+    resumed = weights(train_speaker(speakers, tmp_path / "resumed", max_steps=4, every=2,
+                                    ckpt_path=str(last)))
     assert not torch.equal(checkpoint["state_dict"]["head.weight"], straight["head.weight"])
     assert_same(resumed, straight)

@@ -83,10 +83,12 @@ def loader_epoch(dataset: RecordIODataset, workers: int, batch_size: int) -> Cal
 def measure(runs: Dict[str, Callable[[], Union[int, Tuple[int, float]]]], repeats: int,
             reference: str) -> Dict[str, Tuple[float, float]]:
     """``{name: (median images/s, median ratio to the reference)}`` over ``repeats`` rounds (after one
-    warm-up round). A run returns its image count (and is timed whole) or ``(images, seconds)``. In every round the reference runs before the first row, between every two rows
-    and after the last, and a row's ratio is its rate over the mean rate of the reference passes just
-    before and after it: on a shared machine whose speed drifts by tens of percent within seconds,
-    only such neighbouring passes see the same machine."""
+    warm-up round). A run returns its image count (and is timed whole) or ``(images, seconds)``.
+
+    In every round the reference runs before the first row, between every two rows and after the last,
+    and a row's ratio is its rate over the mean rate of the reference passes just before and after it:
+    on a shared machine whose speed drifts by tens of percent within seconds, only such neighbouring
+    passes see the same machine."""
     rows = [name for name in runs if name != reference]
     rates: Dict[str, List[float]] = {name: [] for name in runs}
     ratios: Dict[str, List[float]] = {name: [] for name in runs}

@@ -15,9 +15,10 @@ Loader rows (same synthetic ``train.rec`` and the same run; helpers from ``bench
   ... float                the same with uint8_batches=False: float32 [B, 3, H, W] normalised on the CPU
 
 Loader rows count each pass from its first batch on (the steady rate: an epoch of millions of images pays
-the workers' start-up once). ``per_worker`` is images/s divided by the processes doing the work (1 for N=0); ``ratio`` is
-the median over ``--repeats`` rounds (after a warm-up round) of ``per_worker`` over the bare decode rate
-measured right before and after it (target: FaceDataModule >= 0.8); img/s are medians too. Workers share the machine's cores with the main process.
+the workers' start-up once). ``per_worker`` is images/s divided by the processes doing the work (1 for
+N=0); ``ratio`` is the median over ``--repeats`` rounds (after a warm-up round) of ``per_worker`` over the
+bare decode rate measured right before and after it (target: FaceDataModule >= 0.8); img/s are medians
+too. Workers share the machine's cores with the main process.
 
 Training row: ``EmbeddingModule`` (IResNet-50, ArcFace Partial FC over ``--num-classes`` classes, SGD)
 through Lightning's Trainer on one device, on an in-memory batch repeated (the loader is measured
@@ -42,7 +43,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from bench_loader import loader_epoch, make_rec, measure, steady_pass  # tools/ (this script's folder) is on sys.path
+from bench_loader import loader_epoch, make_rec, measure, steady_pass  # tools/ (this folder) is on sys.path
 from torch.utils.data import DataLoader, IterableDataset
 
 from mlearn.data.corrupt import decode_image

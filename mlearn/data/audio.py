@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mlearn.data.corrupt import CorruptSampleError
-from mlearn.data.folders import _StringTable, remap_labels
+from mlearn.data.folders import StringTable, remap_labels
 
 log = logging.getLogger(__name__)
 
@@ -229,14 +229,8 @@ class SpeakerAudioDataset(Dataset):
         if crop_seconds is not None and not crop_seconds > 0:
             raise ValueError(f"crop_seconds={crop_seconds}: expected a positive duration or None")
         self.base = str(base)
-        self._files = _StringTable()
-        self._files.extend(list(paths))
-        self._files.freeze()
-        self._ids: Optional[_StringTable] = None
-        if utterance_ids is not None:
-            self._ids = _StringTable()
-            self._ids.extend(list(utterance_ids))
-            self._ids.freeze()
+        self._files = StringTable.of(list(paths))
+        self._ids = None if utterance_ids is None else StringTable.of(list(utterance_ids))
         self.speaker_labels, self.label_map = remap_labels(list(speakers))
         self.sample_rate = int(sample_rate)
         self.num_samples = None if crop_seconds is None else int(round(crop_seconds * sample_rate))

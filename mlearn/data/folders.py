@@ -178,7 +178,7 @@ def remap_labels(original: Sequence[Hashable]) -> Tuple[np.ndarray, Dict[Hashabl
     return np.fromiter((label_map[x] for x in original), dtype=np.int64, count=len(original)), label_map
 
 
-class _StringTable:
+class StringTable:
     """Many strings in two numpy arrays: no per-string Python objects, so DataLoader workers forked
     from the main process share the pages instead of copying them on reference-count writes, and
     tens of millions of paths fit in a few bytes each more than their text."""
@@ -194,7 +194,14 @@ class _StringTable:
         self._chunks.append(b"".join(encoded))
         self._lengths.append(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)))
 
-    def freeze(self) -> "_StringTable":
+    @classmethod
+    def of(cls, strings: Sequence[str]) -> "StringTable":
+        """A frozen table of ``strings``."""
+        table = cls()
+        table.extend(strings)
+        return table.freeze()
+
+    def freeze(self) -> "StringTable":
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
         self._offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self._offsets[1:])
@@ -218,7 +225,7 @@ class _FileListDataset(IdentityImageDataset):
     """Samples stored as one image file each; ``_files`` holds paths relative to ``_base``."""
 
     _base = ""
-    _files: _StringTable
+    _files: StringTable
 
     def path(self, index: int) -> str:
         """File path of sample ``index``."""
@@ -252,7 +259,7 @@ class ImageFolderDataset(_FileListDataset):
             raise FileNotFoundError(f"image folder not found: {self.root}")
         identities = sorted(e.name for e in os.scandir(self.root)
                             if e.is_dir() and not e.name.startswith("."))
-        files = _StringTable()
+        files = StringTable()
         labels: List[np.ndarray] = []
         label_map: Dict[Hashable, int] = {}
         for name in identities:
@@ -312,9 +319,7 @@ class ImageListDataset(_FileListDataset):
         except ValueError:
             original = raw
         self._base = str(base)
-        self._files = _StringTable()
-        self._files.extend(files)
-        self._files.freeze()
+        self._files = StringTable.of(files)
         self.labels, self.label_map = remap_labels(original)
 
 
