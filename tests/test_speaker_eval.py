@@ -356,3 +356,33 @@ def test_run_protocol_errors(tmp_path):
     image_model.modality = "image"
     with pytest.raises(ValueError, match="audio model"):
         run_protocol(image_model, {"trials": "trials.txt", "wav_root": "wav"}, tmp_path, 4)
+
+
+def test_suite_run_embeds_shared_utterances_once_and_keeps_nothing_after(tmp_path):
+    """Two trial lists over the same wavs in one suite run: each utterance (cohort included) is embedded
+    once. Nothing outlives the run: a later run of the same model object, changed, sees the change."""
+    from mlearn.evaluation.suite import run_cache, run_suite
+
+    names, _ = _write_corpus(tmp_path)
+    model = FakeAudioModel()
+    protocol = {"type": "trials", "trials": "trials.txt", "wav_root": "wav", "cohort": "cohort",
+                "as_norm_top_n": 2}
+    suite = {"name": "twice", "protocols": [{**protocol, "name": "E"}, {**protocol, "name": "H"}]}
+    first = run_suite(model, suite, data_root=tmp_path, out_dir=tmp_path / "eval1", batch_size=4)
+    readable = len(names) + 6  # the trial wavs but the corrupt one, and the cohort
+    assert sum(shape[0] for shape in model.batches) == readable
+    assert run_cache() is None
+    rows = {(r["benchmark"], r["method"]): r for r in first["results"]}
+    assert rows["E", "model"]["eer"] == rows["H", "model"]["eer"]
+
+    embedded = []
+
+    def changed(features, normalize=False):
+        embedded.append(len(features))
+        return fake_embedding(np.asarray(features)) * np.linspace(1, 2, 81, dtype=np.float32)
+
+    model.embed = changed
+    second = run_suite(model, suite, data_root=tmp_path, out_dir=tmp_path / "eval2", batch_size=4)
+    assert sum(embedded) == readable  # embedded anew, once
+    again = {(r["benchmark"], r["method"]): r for r in second["results"]}
+    assert again["E", "model+as-norm"]["eer"] != rows["E", "model+as-norm"]["eer"]

@@ -9,7 +9,6 @@ minDCF at P_target 0.01 and 0.05.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -251,23 +250,22 @@ BASELINE_DESCRIPTIONS = {"mfcc_mean": "30 MFCCs (DCT-II ortho of the log-mel) me
 
 
 class _EmbeddingCache:
-    """Per model: embeddings by (method, wav path), failures by path; lets Vox1-E and Vox1-H (same
-    utterances) and repeated cohorts embed once per suite run."""
+    """Embeddings by (method, wav path) and failures by path, for one model and fbank spec: within one
+    suite run (:func:`mlearn.evaluation.suite.run_cache`), Vox1-E and Vox1-H (the same utterances) and
+    repeated cohorts are embedded once."""
 
     def __init__(self) -> None:
         self.vectors: Dict[Tuple[str, str], np.ndarray] = {}
         self.failures: Dict[str, str] = {}
 
 
-_CACHES: "weakref.WeakKeyDictionary[Any, Dict[Tuple, _EmbeddingCache]]" = weakref.WeakKeyDictionary()
+def _cache_for(model: Any, spec_key: Tuple) -> _EmbeddingCache:
+    from mlearn.evaluation.suite import run_cache
 
-
-def _cache_for(model: Any, key: Tuple) -> _EmbeddingCache:
-    try:
-        per_model = _CACHES.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: no caching
+    shared = run_cache()
+    if shared is None:  # outside a suite run nothing is kept: the model may change between calls
         return _EmbeddingCache()
-    return per_model.setdefault(key, _EmbeddingCache())
+    return shared.setdefault(("speaker-embeddings", id(model), spec_key), _EmbeddingCache())
 
 
 def _read_wav(path: Path, sample_rate: int):

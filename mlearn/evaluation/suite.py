@@ -7,6 +7,7 @@ audio code load only for the suites that need them).
 from __future__ import annotations
 
 import importlib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -22,6 +23,14 @@ PROTOCOL_MODULES: Dict[str, str] = {
     "retrieval": "mlearn.evaluation.retrieval",
 }
 PROTOCOL_TYPES = tuple(PROTOCOL_MODULES)
+_RUN_CACHE: ContextVar[Optional[Dict[Any, Any]]] = ContextVar("suite_run_cache", default=None)
+
+
+def run_cache() -> Optional[Dict[Any, Any]]:
+    """A dict shared by the protocols of the :func:`run_suite` call in progress (``None`` outside one):
+    for what one protocol computes from the model and another can reuse (the same utterances'
+    embeddings in VoxCeleb1-E and -H). It lives as long as the run, during which the model is fixed."""
+    return _RUN_CACHE.get()
 
 
 def load_suite(suite: Union[PathLike, Dict[str, Any]]) -> Dict[str, Any]:
@@ -51,9 +60,13 @@ def run_suite(model: Any, suite: Union[PathLike, Dict[str, Any]], data_root: Opt
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: List[Dict[str, Any]] = []
-    for protocol in config["protocols"]:
-        runner = importlib.import_module(PROTOCOL_MODULES[protocol["type"]]).run_protocol
-        rows += runner(model, protocol, root, batch_size)
+    token = _RUN_CACHE.set({})
+    try:
+        for protocol in config["protocols"]:
+            runner = importlib.import_module(PROTOCOL_MODULES[protocol["type"]]).run_protocol
+            rows += runner(model, protocol, root, batch_size)
+    finally:
+        _RUN_CACHE.reset(token)
     plot_curves(rows, out)
     results = write_results(config.get("name", "suite"), rows, out)
     print(format_table(rows))
