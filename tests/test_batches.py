@@ -295,3 +295,29 @@ def test_buffers_of_exited_workers_are_unmapped() -> None:
                 seen.append(set(batches._RECEIVER._pools))
     assert all(len(pools) == 2 for pools in seen)
     assert not seen[0] & seen[1] and not seen[1] & seen[2]
+
+
+def test_workers_forked_after_the_parent_drew_keep_the_sample_streams(tmp_path: Path) -> None:
+    """The parent loads batches first (its transform then holds the per-sample generators), then forks
+    workers: they must keep drawing from the sample streams, not re-seed the transform as a fresh
+    process would."""
+    write_palette_rec(tmp_path, classes=4, per_class=8, size=SIZE)
+    data = FaceDataModule(str(tmp_path), batch_size=8, num_workers=0, image_size=SIZE,
+                          augmentation="low_quality")
+    reference = [batch.images.clone() for batch in data.train_dataloader()]
+    data.num_workers = 2
+    with_workers = [batch.images for batch in data.train_dataloader()]  # same dataset object, forked
+    assert len(with_workers) == len(reference) == 4
+    for a, b in zip(reference, with_workers):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("augmentation", ["low_quality", "standard"])
+def test_a_seeded_dataset_used_in_the_parent_draws_the_same_in_workers(rec_with_corrupt: Path,
+                                                                       augmentation: str) -> None:
+    dataset = RecordIODataset(rec_with_corrupt, transform=build_transform(augmentation, SIZE, output="uint8"))
+    seeded = EpochSeededDataset(dataset, seed=2)
+    keys = [(i, 0) for i in range(20)]
+    in_parent = seeded.__getitems__(keys).images.clone()  # the transform now holds the sample streams
+    loader = DataLoader(seeded, batch_size=20, sampler=keys, num_workers=1, collate_fn=collate_skip_corrupt)
+    torch.testing.assert_close(next(iter(loader)).images, in_parent, rtol=0, atol=0)

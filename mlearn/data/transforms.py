@@ -220,12 +220,15 @@ class ImageTransform:
             self.sample_shape, self.sample_dtype, self._write = (*self.size, 3), torch.uint8, copy_uint8_into
         self.random_generator: Any = None
         self._python_random: Any = None
-        self._seeded_pid = -1
+        self._seeded_pid = -1  # the process that seeded the generators; None: given by set_random_state
 
     def _ensure_seeded(self) -> None:
-        if self._seeded_pid != os.getpid():
+        # generators given explicitly (the per-sample streams of EpochSeededDataset) are kept in every
+        # process; the ones seeded here are re-seeded in each new one (forked workers would draw alike)
+        if self._seeded_pid is not None and self._seeded_pid != os.getpid():
             seed = torch.initial_seed() % 2**32
-            self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+            self._use(np.random.default_rng(seed), random.Random(seed))
+            self._seeded_pid = os.getpid()
 
     def _draw_flip(self) -> bool:
         return self.flip_p > 0 and self._python_random.random() < self.flip_p
@@ -298,10 +301,13 @@ class ImageTransform:
         Not albumentations' ``set_random_seed``: that gives each transform its own generator from the
         same seed, so their first draws coincide (two flips applied both or neither, every time).
         """
+        self._use(numpy_generator, python_random)
+        self._seeded_pid = None
+
+    def _use(self, numpy_generator: np.random.Generator, python_random: random.Random) -> None:
         if self.pipeline is not None:
             self.pipeline.set_random_state(numpy_generator, python_random)
         self.random_generator, self._python_random = numpy_generator, python_random
-        self._seeded_pid = os.getpid()
 
     def __repr__(self) -> str:
         names = ", ".join(type(t).__name__ for t in self.augmentations) or "none"
