@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -48,16 +48,17 @@ class ResumableDataModule(pl.LightningDataModule):
         return EpochPermutationSampler(num_samples, batch_size, seed=self.seed, num_replicas=world, rank=rank,
                                        epoch=epoch, start=start)
 
-    def seeded_dataloader(self, dataset: Any, batch_size: int, num_workers: int, pin_memory: bool = False,
-                          collate_fn: Callable[[Any], Any] = collate_skip_corrupt) -> DataLoader:
-        """The training DataLoader over ``dataset`` in the resumable order (incomplete last batch dropped)."""
+    def seeded_dataloader(self, dataset: Any, batch_size: int, num_workers: int,
+                          pin_memory: bool = False) -> DataLoader:
+        """The training DataLoader over ``dataset`` in the resumable order (incomplete last batch dropped;
+        corrupt samples dropped and counted by :func:`~mlearn.data.corrupt.collate_skip_corrupt`)."""
         self._sampler = self.build_sampler(len(dataset), batch_size)
         return DataLoader(
             EpochSeededDataset(dataset, self.seed),
             batch_size=batch_size,
             sampler=self._sampler,
             num_workers=num_workers,
-            collate_fn=collate_fn,
+            collate_fn=collate_skip_corrupt,
             drop_last=True,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
