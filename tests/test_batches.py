@@ -76,8 +76,9 @@ def test_all_corrupt_batch_and_strict_mode(rec_with_corrupt: Path) -> None:
         EpochSeededDataset(strict).__getitems__([(4, 0), (5, 0)])
 
 
-def _received_buffer_addresses() -> set:
-    pools = batches._RECEIVER._pools.values()
+def _received_buffer_addresses(besides: frozenset = frozenset()) -> set:
+    """Where the buffers of the worker pools this process holds lie (except the pools ``besides``)."""
+    pools = [pool for token, pool in batches._RECEIVER._pools.items() if token not in besides]
     return {buffer.data_ptr() for _, slots in pools for _, buffer in slots.values()}
 
 
@@ -91,11 +92,12 @@ def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Pa
     def epochs(workers: int) -> list:
         data = FaceDataModule(str(tmp_path), batch_size=8, num_workers=workers, image_size=SIZE)
         loader = data.train_dataloader()
+        earlier_pools = frozenset(batches._RECEIVER._pools)  # of other loaders still alive, if any
         kept = list(loader)
         loader.sampler.set_epoch(1)
         kept += [batch for j, batch in enumerate(loader) if j % 3 == 0]
         if workers:
-            pooled = _received_buffer_addresses()
+            pooled = _received_buffer_addresses(besides=earlier_pools)
             in_pool = [b.images.data_ptr() in pooled for b in kept]
             assert len(pooled) <= 2 * 8 and all(in_pool[:12])  # epoch 0: 6 batches of each worker's 8 buffers
             assert all(in_pool[j] or kept[j].images.is_shared() for j in range(len(kept)))  # or fresh ones
@@ -287,12 +289,13 @@ def test_buffers_of_exited_workers_are_unmapped() -> None:
     """Workers restarted every epoch (no persistent workers): the receiver drops the pools of the
     workers that exited, and keeps only the current ones."""
     loader = DataLoader(_PooledBatches(), batch_size=8, num_workers=2, collate_fn=lambda batch: batch)
+    earlier = set(batches._RECEIVER._pools)  # of other loaders still alive, if any
     seen = []
     for _ in range(3):
         for j, batch in enumerate(loader):
             assert batch.images.eq(0).all()
             if j == 2:
-                seen.append(set(batches._RECEIVER._pools))
+                seen.append(set(batches._RECEIVER._pools) - earlier)
     assert all(len(pools) == 2 for pools in seen)
     assert not seen[0] & seen[1] and not seen[1] & seen[2]
 
