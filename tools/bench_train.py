@@ -43,10 +43,10 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from bench_loader import loader_epoch, make_rec, measure, steady_pass  # tools/ (this folder) is on sys.path
+# tools/ (this script's folder) is on sys.path
+from bench_loader import bare_cv2_decode, loader_epoch, make_rec, measure, steady_pass
 from torch.utils.data import DataLoader, IterableDataset
 
-from mlearn.data.corrupt import decode_image
 from mlearn.data.datamodule import FaceDataModule
 from mlearn.data.recordio import IR_SIZE, RecordIODataset
 from mlearn.data.transforms import build_transform
@@ -103,13 +103,8 @@ def bench_loader(args: argparse.Namespace) -> List[Tuple[str, float, float, floa
         payloads = make_rec(Path(tmp), args.images, args.size, args.quality, args.classes)
         augmented = RecordIODataset(tmp, transform=build_transform("standard", image_size=args.size))
 
-        def bare_cv2() -> int:
-            for data in payloads:
-                decode_image(data, "bench")
-            return len(payloads)
-
         runs: Dict[str, Callable[[], Union[int, Tuple[int, float]]]] = {
-            "bare cv2 decode": bare_cv2,
+            "bare cv2 decode": bare_cv2_decode(payloads),
             "minimal loop": minimal_loop(augmented, args.batch_size, args.size),
         }
         procs = {"bare cv2 decode": 1, "minimal loop": 1}

@@ -224,9 +224,12 @@ class RecordIOReader:
                 pos += 8 + length + (-length % 4)
         return np.asarray(offsets, dtype=np.int64)
 
-    def _pread(self, offset: int, size: int) -> bytes:
+    def _ensure_open(self) -> None:
         if self._pid != os.getpid():  # first use in this process (or a forked DataLoader worker)
             self._open()
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        self._ensure_open()
         if self._fd is not None:
             return os.pread(self._fd, size, offset)
         with self._lock:
@@ -292,14 +295,15 @@ class RecordIOReader:
         sizes = self.spans[pos] if len(self.keys) else np.zeros(len(keys), dtype=np.int64)
         offsets = self.offsets[pos] if len(self.keys) else sizes
         readable = known & (sizes <= _BIG_SPAN)
-        if self._pid != os.getpid():
-            self._open()
+        self._ensure_open()
         fd = self._fd  # os.pread directly (once per training image); self._pread where there is no fd
         out: List[Optional[bytes]] = []
         for ok, offset, size in zip(readable.tolist(), offsets.tolist(), sizes.tolist()):
+            if not ok:
+                out.append(None)
+                continue
             try:
-                out.append(None if not ok else os.pread(fd, size, offset) if fd is not None
-                           else self._pread(offset, size))
+                out.append(os.pread(fd, size, offset) if fd is not None else self._pread(offset, size))
             except OSError:
                 out.append(None)
         return out

@@ -137,9 +137,9 @@ def low_quality_preset(crop_p: float = 0.2, low_res_p: float = 0.2, photometric_
 
 
 def normalize_into(image: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
-    """uint8 (or float in [0, 255]) [..., H, W, 3] -> ``out`` float32 [..., 3, H, W] as
-    ``(x - 127.5) / 127.5``, mirrored left-right when ``flip``."""
-    out[...] = np.moveaxis(image[..., ::-1, :] if flip else image, -1, -3)
+    """uint8 (or float in [0, 255]) [H, W, 3] -> ``out`` float32 [3, H, W] as ``(x - 127.5) / 127.5``,
+    mirrored left-right when ``flip``."""
+    out[...] = (image[:, ::-1] if flip else image).transpose(2, 0, 1)
     out -= 127.5
     out *= 1 / 127.5
 
