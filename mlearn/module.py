@@ -15,6 +15,7 @@ import torch.distributed as dist
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
+from mlearn.data.batches import UnmirroredBatch
 from mlearn.data.transforms import normalize_images
 from mlearn.heads import Margin, PartialFC
 
@@ -231,13 +232,13 @@ class EmbeddingModule(pl.LightningModule):
         return self.backbone(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
-        images, labels, num_corrupt = _unpack(batch)
+        images, labels, num_corrupt, mirror = _unpack(batch)
         self._corrupt_in_epoch += num_corrupt
         if labels.numel() == 0:  # every sample of the batch was corrupt: nothing to learn from
             log.warning("step %d: batch skipped, all %d samples corrupt", self.global_step, num_corrupt)
             return None
         assert self.head is not None
-        loss = self.head(self.backbone(normalize_images(images)), labels)
+        loss = self.head(self.backbone(normalize_images(images, mirror)), labels)
         self.log("train/loss", loss, prog_bar=True)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]))
@@ -363,11 +364,15 @@ class EmbeddingModule(pl.LightningModule):
 
 
 def _unpack(batch: Any) -> tuple:
+    """``(images, labels, num_corrupt, mirror flags or None)`` of an :class:`UnmirroredBatch`, an
+    ``(images, labels, num_corrupt)`` batch or an ``(images, labels)`` pair."""
+    if isinstance(batch, UnmirroredBatch):
+        return batch.images, batch.labels, int(batch.num_corrupt), batch.mirror
     if len(batch) == 3:
         images, labels, num_corrupt = batch
-        return images, labels, int(num_corrupt)
+        return images, labels, int(num_corrupt), None
     images, labels = batch
-    return images, labels, 0
+    return images, labels, 0, None
 
 
 def _rank_and_world() -> tuple:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from data_utils import write_palette_rec
 from mlearn.data import batches
-from mlearn.data.batches import BatchAllocator, ImageBatch, PooledImageBatch
+from mlearn.data.batches import BatchAllocator, ImageBatch, PooledImageBatch, UnmirroredBatch
 from mlearn.data.corrupt import collate_skip_corrupt
 from mlearn.data.datamodule import FaceDataModule
 from mlearn.data.recordio import RecordIODataset, RecordIOWriter
@@ -58,13 +58,21 @@ def test_batch_assembled_in_place_equals_per_sample_loading(rec_with_corrupt: Pa
     seeded = EpochSeededDataset(dataset, seed=11)
     keys = [(i, 3) for i in (7, 5, 0, 19, 12, 3)]
     batch = seeded.__getitems__(keys)
-    assert type(batch) is ImageBatch and collate_skip_corrupt(batch) is batch
-    reference = collate_skip_corrupt([seeded[key] for key in keys])
+    assert type(batch) is (ImageBatch if output == "float" else UnmirroredBatch)
+    assert collate_skip_corrupt(batch) is batch
+    reference = collate_skip_corrupt([seeded[key] for key in keys])  # per sample: mirrored on the CPU
     assert batch.num_corrupt == reference.num_corrupt == 1
     assert batch.labels.tolist() == reference.labels.tolist() == [1, 0, 3, 2, 0]
     expected_shape = (5, 3, SIZE, SIZE) if output == "float" else (5, SIZE, SIZE, 3)
     assert batch.images.shape == expected_shape and batch.images.dtype == reference.images.dtype
-    torch.testing.assert_close(batch.images, reference.images, rtol=0, atol=0)
+    if output == "float":
+        torch.testing.assert_close(batch.images, reference.images, rtol=0, atol=0)
+        return
+    flipped = [k for k in range(5) if not torch.equal(batch.images[k], reference.images[k])]
+    assert batch.mirror.tolist() == [k in flipped for k in range(5)]  # written as decoded, flips recorded
+    assert (0 < len(flipped) < 5) == (augmentation != "eval")  # this seed mirrors some, not all
+    torch.testing.assert_close(normalize_images(batch.images, batch.mirror),
+                               normalize_images(reference.images), rtol=0, atol=0)
 
 
 def test_all_corrupt_batch_and_strict_mode(rec_with_corrupt: Path) -> None:
@@ -106,9 +114,11 @@ def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Pa
     in_process, with_workers = epochs(0), epochs(2)
     assert len(in_process) == len(with_workers) == 16
     for a, b in zip(in_process, with_workers):
-        assert type(b) is ImageBatch and b.images.dtype == torch.uint8
+        assert type(b) is UnmirroredBatch and b.images.dtype == torch.uint8
         torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
         torch.testing.assert_close(a.labels, b.labels)
+        assert a.mirror.tolist() == b.mirror.tolist()
+    assert 0 < sum(int(b.mirror.sum()) for b in with_workers) < 16 * 8
 
 
 def test_pooled_buffers_are_sent_once_and_released_when_unused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,8 +163,13 @@ def test_pooled_buffers_are_sent_once_and_released_when_unused(monkeypatch: pyte
     assert slot == slot1 and allocator.batch(larger, torch.tensor([0]), 0, slot).generation == 1
     larger.fill_(3)
     assert pickle.loads(send(larger, slot1)).images.eq(3).all()
+    flagged = allocator.batch(larger[:2], torch.tensor([1, 2]), 0, slot1, torch.tensor([True, False]))
+    unmirrored = pickle.loads(ForkingPickler.dumps(flagged))  # the flags travel by value
+    assert type(unmirrored) is UnmirroredBatch and unmirrored.mirror.tolist() == [True, False]
+    assert unmirrored.images.data_ptr() == larger.data_ptr()
     with pytest.raises(RuntimeError, match="never received here"):
-        batches._receive_pooled("unknown-pool", None, 0, 0, None, (1, 2), torch.uint8, 1, np.zeros(1), 0)
+        batches._receive_pooled("unknown-pool", None, 0, 0, None, (1, 2), torch.uint8, 1, np.zeros(1), 0,
+                                 None)
     batches._close_pool(flags)  # the worker exited: its buffers are unmapped at the next receipt
     batches._RECEIVER.receive("another", torch.zeros(3, dtype=torch.uint8), 0, 0, torch.zeros(1))
     assert allocator._pool.token not in batches._RECEIVER._pools

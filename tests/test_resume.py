@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_utils import write_palette_rec
+from mlearn.data.batches import UnmirroredBatch
 from mlearn.data.datamodule import FaceDataModule
 from mlearn.data.speaker_datamodule import SpeakerDataModule
 from mlearn.data.samplers import (
@@ -175,9 +176,10 @@ def test_augmentation_is_seeded_per_sample_not_per_worker(rec: Path) -> None:
     data_workers = FaceDataModule(str(rec), batch_size=BATCH, num_workers=2, image_size=SIZE,
                                   augmentation="low_quality")
     two = [batch for _, batch in zip(range(3), data_workers.train_dataloader())]
-    for (x0, y0, _), (x1, y1, _) in zip(one, two):
-        torch.testing.assert_close(x0, x1)
-        torch.testing.assert_close(y0, y1)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a.images, b.images)
+        torch.testing.assert_close(a.labels, b.labels)
+        torch.testing.assert_close(a.mirror, b.mirror)
 
 
 def test_sample_generators_give_independent_transform_draws() -> None:
@@ -251,12 +253,15 @@ def test_cli_resume_from_a_mid_run_checkpoint(rec: Path, tmp_path: Path) -> None
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_uint8_batches_train_like_float_batches(rec: Path) -> None:
-    """``uint8_batches``: the loader ships uint8 and the module normalises on the device: same loss."""
+    """``uint8_batches``: the loader ships uint8 and the module mirrors and normalises on the device: same
+    loss."""
     losses = []
     for uint8 in (False, True):
         data = FaceDataModule(str(rec), batch_size=BATCH, num_workers=0, image_size=SIZE, uint8_batches=uint8)
         batch = next(iter(data.train_dataloader()))
         assert batch[0].dtype == (torch.uint8 if uint8 else torch.float32)
+        if uint8:  # written unmirrored, the flips left to the module: some flipped, some not
+            assert type(batch) is UnmirroredBatch and 0 < int(batch.mirror.sum()) < len(batch.mirror)
         module = make_module()
         module.configure_model()
         module.eval()  # no dropout, no head sampling: a deterministic loss

@@ -1,6 +1,7 @@
 """Augmentation presets, custom albumentations lists from YAML, errors, and per-worker seeding."""
 from __future__ import annotations
 
+import random
 from typing import List
 
 import numpy as np
@@ -132,6 +133,32 @@ def test_uint8_output_normalised_later_matches_float(preset: str) -> None:
         normalize_images(torch.zeros(2, 3, 40, 40, dtype=torch.uint8))
     with pytest.raises(ValueError, match="output must be one of"):
         build_transform("eval", output="half")
+
+
+def test_mirror_flags_deferred_to_normalize_images() -> None:
+    """fill_batch(mirror=...) writes the images as they are and records the flips; normalize_images
+    applies them: the same floats as the float transform, which mirrors on the CPU."""
+    images = [face(size=24, seed=s) for s in range(6)]
+    deferred, on_cpu = build_transform("standard", 24, output="uint8"), build_transform("standard", 24)
+    for transform in (deferred, on_cpu):
+        transform.set_random_state(np.random.default_rng(1), random.Random(1))
+    out = np.empty((6, 24, 24, 3), np.uint8)
+    mirror = np.zeros(6, dtype=bool)
+    assert deferred.defers_mirror and not on_cpu.defers_mirror
+    assert deferred.fill_batch(images[:2] + [None] + images[3:], out, mirror=mirror) == [0, 1, 3, 4, 5]
+    assert 0 < mirror[:5].sum() < 5
+    assert all(np.array_equal(out[k], image) for k, image in enumerate(images[:2] + images[3:]))
+    expected = torch.stack([on_cpu(image) for image in images[:2] + images[3:]])
+    torch.testing.assert_close(normalize_images(torch.from_numpy(out[:5]), torch.from_numpy(mirror[:5])),
+                               expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs output='uint8'"):
+        on_cpu.fill_batch(images, np.empty((6, 3, 24, 24), np.float32), mirror=mirror)
+    with pytest.raises(ValueError, match="mirror flags come with uint8 batches only"):
+        normalize_images(expected, torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mirror must be bool \[B\]"):
+        normalize_images(torch.from_numpy(out), torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mirror must be bool \[B\]"):
+        normalize_images(torch.from_numpy(out), torch.zeros(6, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("horizontal_last", [False, True])  # True: the flip is fused into the output copy

@@ -79,7 +79,7 @@ def steady_pass(batches: Iterable[Any]) -> Tuple[int, float]:
     batches = iter(batches)
     next(batches)
     start = time.perf_counter()
-    n = sum(len(labels) for _, labels, _ in batches)
+    n = sum(len(batch[1]) for batch in batches)  # (images, labels, ...) of either batch type
     return n, time.perf_counter() - start
 
 

@@ -4,14 +4,16 @@ order of FaceDataModule) against a bare JPEG-decode loop, and IResNet-50 + Parti
 Loader rows (same synthetic ``train.rec`` and the same run; helpers from ``bench_loader.py``):
 
   bare cv2 decode          cv2.imdecode of the JPEG bytes already in memory: the reference (ratio 1)
-  minimal loop             the floor of a Python loader: pread, decode and copy (half of them mirrored) into
-                           a preallocated uint8 batch, nothing else
+  minimal loop             the floor of a Python loader: pread, decode and copy into a preallocated uint8
+                           batch, nothing else
   DataLoader w=N shuffle   RecordIODataset + ``standard`` augmentation through a plain shuffled DataLoader,
                            one sample at a time, float32 output, default_collate (the textbook loader)
   FaceDataModule w=N       FaceDataModule.train_dataloader(), what training uses: the epoch-permutation
                            sampler, per-sample augmentation seeds, batches assembled in place as uint8
-                           [B, H, W, 3] (normalised later on the training device, not timed here), pooled
-                           shared-memory buffers in workers
+                           [B, H, W, 3] with the flips recorded (mirrored and normalised later on the
+                           training device, not timed here), pooled shared-memory buffers in workers
+  ... cpu flip             the same, the flips applied on the CPU while writing the batch (as before the
+                           mirror moved to the device)
   ... float                the same with uint8_batches=False: float32 [B, 3, H, W] normalised on the CPU
 
 Loader rows count each pass from its first batch on (the steady rate: an epoch of millions of images pays
@@ -52,12 +54,14 @@ from mlearn.data.recordio import IR_SIZE, RecordIODataset
 from mlearn.data.transforms import build_transform
 
 
-def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = True
+def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = True, cpu_flip: bool = False
                      ) -> Callable[[], Tuple[int, float]]:
     """One epoch of FaceDataModule's training loader (workers persist between epochs), timed as
     :func:`bench_loader.steady_pass`."""
     data = FaceDataModule(root, batch_size=batch_size, num_workers=workers, augmentation="standard",
                           uint8_batches=uint8)
+    if cpu_flip:
+        data.dataset.transform.defers_mirror = False
     loader = data.train_dataloader()
     epoch = [0]
 
@@ -71,8 +75,8 @@ def datamodule_epoch(root: str, workers: int, batch_size: int, uint8: bool = Tru
 
 def minimal_loop(dataset: RecordIODataset, batch_size: int, size: int) -> Callable[[], int]:
     """The floor of a Python training loader, for reference: per record of a shuffled epoch, one ``pread``
-    of its span, ``cv2.imdecode`` of the payload, and a copy into a preallocated uint8 batch (every
-    other image mirrored by ``cv2.flip``); no checks, no sampler, no seeds, no collation."""
+    of its span, ``cv2.imdecode`` of the payload, and a copy into a preallocated uint8 batch; no checks,
+    no sampler, no seeds, no collation."""
     reader = dataset.reader
     fd = os.open(reader.rec_path, os.O_RDONLY)
     offsets = reader.offsets[dataset.image_keys].tolist()
@@ -86,12 +90,8 @@ def minimal_loop(dataset: RecordIODataset, batch_size: int, size: int) -> Callab
         for start in range(0, usable, batch_size):
             out = np.empty((batch_size, size, size, 3), dtype=np.uint8)
             for k, i in enumerate(order[start:start + batch_size].tolist()):
-                image = cv2.imdecode(np.frombuffer(os.pread(fd, spans[i], offsets[i]), np.uint8,
-                                                   offset=payload_at), flag)
-                if k % 2:
-                    cv2.flip(image, 1, out[k])
-                else:
-                    out[k] = image
+                out[k] = cv2.imdecode(np.frombuffer(os.pread(fd, spans[i], offsets[i]), np.uint8,
+                                                    offset=payload_at), flag)
         return usable
 
     return run
@@ -111,8 +111,9 @@ def bench_loader(args: argparse.Namespace) -> List[Tuple[str, float, float, floa
         for w in args.workers:
             runs[f"DataLoader w={w} shuffle"] = loader_epoch(augmented, w, args.batch_size)
             runs[f"FaceDataModule w={w}"] = datamodule_epoch(tmp, w, args.batch_size)
+            runs[f"FaceDataModule w={w} cpu flip"] = datamodule_epoch(tmp, w, args.batch_size, cpu_flip=True)
             runs[f"FaceDataModule w={w} float"] = datamodule_epoch(tmp, w, args.batch_size, uint8=False)
-            for name in (f"DataLoader w={w} shuffle", f"FaceDataModule w={w}", f"FaceDataModule w={w} float"):
+            for name in list(runs)[-4:]:
                 procs[name] = max(w, 1)
         rows = measure(runs, args.repeats, reference="bare cv2 decode")
     return [(name, rate, rate / procs[name], ratio / procs[name]) for name, (rate, ratio) in rows.items()]

@@ -22,6 +22,7 @@ _EXPORTS = {
     "CorruptSampleError": "mlearn.data.corrupt",
     "collate_skip_corrupt": "mlearn.data.corrupt",
     "ImageBatch": "mlearn.data.batches",
+    "UnmirroredBatch": "mlearn.data.batches",
     "build_transform": "mlearn.data.transforms",
     "normalize_images": "mlearn.data.transforms",
     "list_augmentations": "mlearn.data.transforms",

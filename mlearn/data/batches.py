@@ -16,7 +16,7 @@ from __future__ import annotations
 import multiprocessing.util
 import os
 import threading
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,6 +32,21 @@ class ImageBatch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
     num_corrupt: int
+
+
+class UnmirroredBatch(NamedTuple):
+    """An :class:`ImageBatch` of uint8 images whose horizontal flips are still to be applied:
+    ``mirror [B']`` bool marks the images to mirror, which :func:`mlearn.data.transforms.normalize_images`
+    does on the training device while normalising (a flip costs nothing there, while on the CPU it is
+    the largest cost of batch assembly after the JPEG decode)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_corrupt: int
+    mirror: torch.Tensor
+
+
+AnyImageBatch = Union[ImageBatch, UnmirroredBatch]
 
 
 def empty_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -122,7 +137,7 @@ _RECEIVER = _Receiver()  # per process: the pooled buffers this process has rece
 
 def _receive_pooled(token: str, flags: Optional[torch.Tensor], slot: int, generation: int,
                     handle: Optional[torch.Tensor], shape: Tuple[int, ...], dtype: torch.dtype, good: int,
-                    labels: np.ndarray, num_corrupt: int) -> ImageBatch:
+                    labels: np.ndarray, num_corrupt: int, mirror: Optional[np.ndarray]) -> AnyImageBatch:
     """Unpickling a :class:`PooledImageBatch` (in the receiving process): the images stay in the
     worker's buffer."""
     flags, buffer = _RECEIVER.receive(token, flags, slot, generation, handle)
@@ -130,7 +145,10 @@ def _receive_pooled(token: str, flags: Optional[torch.Tensor], slot: int, genera
     # releases the slot, while the receiver keeps the buffer itself mapped for the next batch in it
     own = torch.from_numpy(buffer.numpy())
     _RECEIVER.hand_out(own, flags, slot)
-    return ImageBatch(own.view(dtype).view(shape)[:good], torch.from_numpy(labels), num_corrupt)
+    images = own.view(dtype).view(shape)[:good]
+    if mirror is None:
+        return ImageBatch(images, torch.from_numpy(labels), num_corrupt)
+    return UnmirroredBatch(images, torch.from_numpy(labels), num_corrupt, torch.from_numpy(mirror))
 
 
 class PooledImageBatch(ImageBatch):
@@ -139,7 +157,8 @@ class PooledImageBatch(ImageBatch):
     Pickled (sent to the main process), it arrives as a plain :class:`ImageBatch` viewing the same
     shared memory, and the worker reuses the buffer only after every tensor over it is gone there. The
     buffer's handle travels with the first batch in it only: send each batch once, to the process that
-    iterates the DataLoader (as the DataLoader does). The labels travel by value.
+    iterates the DataLoader (as the DataLoader does). The labels travel by value, and so do the
+    ``mirror_flags`` of an :class:`UnmirroredBatch`, which it then arrives as.
     """
 
     pool: _WorkerPool
@@ -147,10 +166,12 @@ class PooledImageBatch(ImageBatch):
     generation: int
     buffer: torch.Tensor
     full_shape: Tuple[int, ...]
+    mirror_flags: Optional[torch.Tensor]
 
     def __reduce__(self) -> Tuple[Any, ...]:
         return _receive_pooled, (*self.pool.message(self.slot, self.generation, self.buffer), self.full_shape,
-                                 self.images.dtype, len(self.labels), self.labels.numpy(), self.num_corrupt)
+                                 self.images.dtype, len(self.labels), self.labels.numpy(), self.num_corrupt,
+                                 None if self.mirror_flags is None else self.mirror_flags.numpy())
 
 
 class BatchAllocator:
@@ -200,14 +221,19 @@ class BatchAllocator:
             flags[slot] = 1
         return pool.buffers[slot].view(dtype).view(shape), slot
 
-    def batch(self, images: torch.Tensor, labels: torch.Tensor, num_corrupt: int, slot: int) -> ImageBatch:
+    def batch(self, images: torch.Tensor, labels: torch.Tensor, num_corrupt: int, slot: int,
+              mirror: Optional[torch.Tensor] = None) -> AnyImageBatch:
         """The batch to return: a :class:`PooledImageBatch` for a pooled buffer (``slot >= 0``), whose
-        ``images`` are the first rows of the tensor :meth:`allocate` gave."""
+        ``images`` are the first rows of the tensor :meth:`allocate` gave. With ``mirror`` (bool [B'])
+        the batch is, or arrives as, an :class:`UnmirroredBatch`."""
         if slot < 0:
-            return ImageBatch(images, labels, num_corrupt)
+            if mirror is None:
+                return ImageBatch(images, labels, num_corrupt)
+            return UnmirroredBatch(images, labels, num_corrupt, mirror)
         pool = self._pool
         assert pool is not None
         batch = PooledImageBatch(images, labels, num_corrupt)
         batch.pool, batch.slot, batch.generation = pool, slot, pool.generations[slot]
+        batch.mirror_flags = mirror
         batch.buffer, batch.full_shape = pool.buffers[slot], pool.shapes[slot]
         return batch

@@ -3,7 +3,8 @@
 A dataset in non-strict mode returns ``None`` for a sample it cannot read or decode;
 :func:`collate_skip_corrupt` drops those from the batch and reports how many it dropped, so the
 training loop can sum the count and report it at the end of the epoch. Datasets that assemble whole
-batches themselves return an :class:`ImageBatch`, which the collate function passes through.
+batches themselves return an :class:`ImageBatch` (or :class:`UnmirroredBatch`), which the collate
+function passes through.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from mlearn.data.batches import ImageBatch
+from mlearn.data.batches import AnyImageBatch, ImageBatch, UnmirroredBatch
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,9 @@ def image_extension(data: bytes) -> str:
     return ".jpg"  # unknown: insightface sets are JPEG; the decoder sniffs the content anyway
 
 
-def collate_skip_corrupt(batch: Union[ImageBatch, Sequence[Optional[Tuple[Any, int]]]]) -> ImageBatch:
+def collate_skip_corrupt(batch: Union[AnyImageBatch, Sequence[Optional[Tuple[Any, int]]]]) -> AnyImageBatch:
     """Collate ``(image, label)`` samples, dropping the ``None`` of corrupt ones (an
-    :class:`ImageBatch` a dataset assembled itself is returned as it is).
+    :class:`ImageBatch` or :class:`UnmirroredBatch` a dataset assembled itself is returned as it is).
 
     Returns ``(images [B', ...], labels [B'] int64, num_corrupt)`` with ``B' = B - num_corrupt``.
     Images that are numpy arrays (no transform) are stacked as tensors of their dtype. When every
@@ -72,7 +73,7 @@ def collate_skip_corrupt(batch: Union[ImageBatch, Sequence[Optional[Tuple[Any, i
     tensor of shape [0] and ``labels`` an empty int64 tensor; the training step should skip a batch
     with ``labels.numel() == 0``.
     """
-    if isinstance(batch, ImageBatch):
+    if isinstance(batch, (ImageBatch, UnmirroredBatch)):
         return batch
     good: List[Tuple[Any, int]] = [sample for sample in batch if sample is not None]
     num_corrupt = len(batch) - len(good)

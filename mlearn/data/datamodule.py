@@ -36,9 +36,10 @@ class FaceDataModule(ResumableDataModule):
         synthetic: keyword arguments of :func:`mlearn.data.synthetic.make_face_dataset`.
         seed: seed of the sample order and of the augmentations.
         uint8_batches: ship the images as decoded, uint8 [B, S, S, 3] (4x less memory traffic, no
-            per-image transpose on the CPU), normalised and made channels-first by the module on the
-            training device (:func:`mlearn.data.transforms.normalize_images`); ``False``: float32
-            [B, 3, S, S] normalised on the CPU.
+            per-image transpose or flip on the CPU), with the horizontal flips drawn but not applied
+            (:class:`mlearn.data.batches.UnmirroredBatch`): the module mirrors, normalises and makes
+            them channels-first on the training device (:func:`mlearn.data.transforms.normalize_images`);
+            ``False``: float32 [B, 3, S, S] mirrored and normalised on the CPU.
         pin_memory: page-locked batches for faster host-to-GPU copies.
     """
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mlearn.data.batches import BatchAllocator, ImageBatch
+from mlearn.data.batches import AnyImageBatch, BatchAllocator
 from mlearn.data.corrupt import CorruptSampleError, decode_image
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class IdentityImageDataset(Dataset):
         return image, int(self.labels[index])
 
     def load_batch(self, indices: Sequence[int], streams: Optional[Any] = None
-                   ) -> Union[ImageBatch, List[Optional[Tuple[Any, int]]]]:
+                   ) -> Union[AnyImageBatch, List[Optional[Tuple[Any, int]]]]:
         """Samples ``indices`` as one batch. ``streams`` (:class:`mlearn.data.samplers.SampleStreams`):
         the j-th sample's augmentation draws from stream j (``streams.select(j)`` before its transform).
 
@@ -114,8 +114,10 @@ class IdentityImageDataset(Dataset):
         :class:`~mlearn.data.transforms.ImageTransform`) each image is decoded and at once transformed
         into one preallocated batch (in a DataLoader worker, a reused shared-memory buffer of
         :class:`~mlearn.data.batches.BatchAllocator`): an :class:`ImageBatch` of
-        ``[B', *transform.sample_shape]`` images, the corrupt samples dropped and counted. Other
-        transforms give the list of ``self[i]`` for :func:`collate_skip_corrupt`.
+        ``[B', *transform.sample_shape]`` images, the corrupt samples dropped and counted; with a
+        transform that ``defers_mirror`` (uint8 output) an :class:`UnmirroredBatch`, whose images are
+        still to be mirrored by :func:`~mlearn.data.transforms.normalize_images`. Other transforms give
+        the list of ``self[i]`` for :func:`collate_skip_corrupt`.
         """
         transform = self.transform
         if getattr(transform, "fill_batch", None) is None or getattr(transform, "sample_shape", None) is None:
@@ -128,12 +130,16 @@ class IdentityImageDataset(Dataset):
         encoded = self.read_many(indices)
         images, buffer_slot = self.batch_allocator.allocate((len(indices), *transform.sample_shape),
                                                             transform.sample_dtype)
+        mirror = np.zeros(len(indices), dtype=bool) if getattr(transform, "defers_mirror", False) else None
         # decoded one at a time as fill_batch consumes them: each image is written out while it is
         # still in the cache, and the decoder reuses one freed block instead of 128 of them
-        written = transform.fill_batch(self._decoded(indices, encoded), images.numpy(), streams)
+        decoded, out = self._decoded(indices, encoded), images.numpy()
+        written = (transform.fill_batch(decoded, out, streams) if mirror is None
+                   else transform.fill_batch(decoded, out, streams, mirror=mirror))
         labels = torch.from_numpy(self.labels[np.asarray([indices[j] for j in written], dtype=np.int64)])
         good = len(written)
-        return self.batch_allocator.batch(images[:good], labels, len(indices) - good, buffer_slot)
+        flags = None if mirror is None else torch.from_numpy(mirror[:good])
+        return self.batch_allocator.batch(images[:good], labels, len(indices) - good, buffer_slot, flags)
 
     def save_label_map(self, path: PathLike) -> None:
         """Write ``label_map`` as JSON ``{original label: index}`` (keys as strings)."""

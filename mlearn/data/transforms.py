@@ -161,18 +161,27 @@ def copy_uint8_into(image: np.ndarray, out: np.ndarray, flip: bool = False) -> N
         out[...] = image
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
+def normalize_images(images: torch.Tensor, mirror: Optional[torch.Tensor] = None) -> torch.Tensor:
     """uint8 [..., H, W, 3] (channels last, as decoded) -> float32 [..., 3, H, W] ``(x - 127.5) / 127.5``;
-    float input is returned unchanged.
+    float input is returned unchanged. ``mirror`` (bool [B], for images [B, H, W, 3]; the flags of an
+    :class:`~mlearn.data.batches.UnmirroredBatch`): mirror those images left-right first.
 
     The device-side half of ``output="uint8"`` transforms: batches travel from the DataLoader workers
-    as decoded uint8 (4x less memory traffic, no per-image transpose on the CPU) and are normalised
-    and made channels-first on the training device.
+    as decoded uint8 (4x less memory traffic, no per-image transpose or flip on the CPU) and are
+    mirrored, normalised and made channels-first on the training device.
     """
     if images.dtype != torch.uint8:
+        if mirror is not None:
+            raise ValueError("mirror flags come with uint8 batches only (float images are mirrored on "
+                             "the CPU)")
         return images
     if images.dim() < 3 or images.shape[-1] != 3:
         raise ValueError(f"uint8 images must be channels-last [..., H, W, 3], got {tuple(images.shape)}")
+    if mirror is not None:
+        if images.dim() != 4 or mirror.dtype != torch.bool or tuple(mirror.shape) != (images.shape[0],):
+            raise ValueError(f"mirror must be bool [B] for images [B, H, W, 3]; got {mirror.dtype} "
+                             f"{tuple(mirror.shape)} for images {tuple(images.shape)}")
+        images = torch.where(mirror.to(images.device).view(-1, 1, 1, 1), images.flip(-2), images)
     channels_first = images.movedim(-1, -3)
     out = torch.empty(channels_first.shape, dtype=torch.float32, device=images.device)
     return out.copy_(channels_first).sub_(127.5).div_(127.5)
@@ -193,7 +202,9 @@ class ImageTransform:
 
     A trailing ``HorizontalFlip`` (the whole ``standard`` preset) is not run through albumentations:
     it is drawn with the same probability from the pipeline's Python generator and applied while
-    writing the output, which saves a copy of the image and albumentations' per-call overhead.
+    writing the output, which saves a copy of the image and albumentations' per-call overhead. A uint8
+    transform (``defers_mirror``) can leave it to the device instead: :meth:`fill_batch` with a
+    ``mirror`` array records the flips and writes the images unmirrored.
 
     The augmentations draw from one numpy and one Python generator (:meth:`set_random_state`), seeded
     once in every process from ``torch.initial_seed()`` unless set explicitly: DataLoader workers are
@@ -214,6 +225,7 @@ class ImageTransform:
         self.pipeline = A.Compose(rest) if rest else None
         self.draws_randomly = self.pipeline is not None or self.flip_p > 0
         self.output = output
+        self.defers_mirror = output == "uint8"
         if output == "float":
             self.sample_shape, self.sample_dtype, self._write = (3, *self.size), torch.float32, normalize_into
         else:
@@ -264,7 +276,7 @@ class ImageTransform:
         self._write(image, out, flip)
 
     def fill_batch(self, images: Iterable[Optional[np.ndarray]], out: np.ndarray,
-                   streams: Optional[Any] = None) -> List[int]:
+                   streams: Optional[Any] = None, mirror: Optional[np.ndarray] = None) -> List[int]:
         """:meth:`fill` of the images, taken one at a time (e.g. decoded on demand), into ``out[0]``,
         ``out[1]``, ...; ``None`` entries are skipped. Returns the positions in ``images`` written.
 
@@ -272,21 +284,30 @@ class ImageTransform:
         from, as :class:`~mlearn.data.samplers.EpochSeededDataset` sets it up): image j draws from
         stream j. A transform that draws only the flip takes it from each stream's first ``random()``,
         computed for the whole batch up front, with the same results.
+
+        ``mirror`` (bool array of ``len(out)``; ``defers_mirror`` transforms only): ``mirror[k]`` is set
+        to whether ``out[k]`` is to be mirrored, and ``out[k]`` is written unmirrored.
         """
-        written: List[int] = []
+        if mirror is not None and not self.defers_mirror:
+            raise ValueError(f"fill_batch(mirror=...) needs output='uint8'; this transform's output is "
+                             f"{self.output!r}")
+        flips: Optional[List[bool]] = None
         if self.pipeline is None and self.flip_p > 0 and streams is not None:
             flips = [draw < self.flip_p for draw in streams.first_randoms()]
-            for j, image in enumerate(images):
-                if image is not None:
-                    self._write(self._resized(image), out[len(written)], flips[j])
-                    written.append(j)
-            return written
+        written: List[int] = []
         for j, image in enumerate(images):
             if image is None:
                 continue
-            if streams is not None:
-                streams.select(j)
-            self.fill(image, out[len(written)])
+            if flips is not None:
+                image, flip = self._resized(image), flips[j]
+            else:
+                if streams is not None:
+                    streams.select(j)
+                image, flip = self._augment(image)
+            k = len(written)
+            if mirror is not None:
+                mirror[k] = flip
+            self._write(image, out[k], flip and mirror is None)
             written.append(j)
         return written
 
