@@ -35,7 +35,7 @@ class ImageBatch(NamedTuple):
 
 
 class UnmirroredBatch(NamedTuple):
-    """An :class:`ImageBatch` of uint8 images whose horizontal flips are still to be applied:
+    """A batch of uint8 images as :class:`ImageBatch`, whose horizontal flips are still to be applied:
     ``mirror [B']`` bool marks the images to mirror, which :func:`mlearn.data.transforms.normalize_images`
     does on the training device while normalising (a flip costs nothing there, while on the CPU it is
     the largest cost of batch assembly after the JPEG decode)."""

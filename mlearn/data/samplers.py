@@ -264,7 +264,8 @@ class EpochSeededDataset(Dataset):
 
     A DataLoader fetches whole batches through :meth:`__getitems__`: with a dataset that has
     ``load_batch`` (:class:`mlearn.data.folders.IdentityImageDataset`) the batch is assembled in place
-    (:class:`mlearn.data.batches.ImageBatch`), with the same images as per-sample loading.
+    (:class:`mlearn.data.batches.ImageBatch`, or :class:`~mlearn.data.batches.UnmirroredBatch` whose flips
+    are still to be applied), with the same images as per-sample loading.
     """
 
     def __init__(self, dataset: Any, seed: int = 0) -> None:
