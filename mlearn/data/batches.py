@@ -49,6 +49,14 @@ class UnmirroredBatch(NamedTuple):
 AnyImageBatch = Union[ImageBatch, UnmirroredBatch]
 
 
+def image_batch(images: torch.Tensor, labels: torch.Tensor, num_corrupt: int,
+                mirror: Optional[torch.Tensor] = None) -> AnyImageBatch:
+    """An :class:`ImageBatch`, or with ``mirror`` flags an :class:`UnmirroredBatch`."""
+    if mirror is None:
+        return ImageBatch(images, labels, num_corrupt)
+    return UnmirroredBatch(images, labels, num_corrupt, mirror)
+
+
 def empty_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor for a batch; inside a DataLoader worker it lives in shared memory
     (as ``default_collate`` allocates it), so sending it to the main process copies nothing."""
@@ -145,10 +153,8 @@ def _receive_pooled(token: str, flags: Optional[torch.Tensor], slot: int, genera
     # releases the slot, while the receiver keeps the buffer itself mapped for the next batch in it
     own = torch.from_numpy(buffer.numpy())
     _RECEIVER.hand_out(own, flags, slot)
-    images = own.view(dtype).view(shape)[:good]
-    if mirror is None:
-        return ImageBatch(images, torch.from_numpy(labels), num_corrupt)
-    return UnmirroredBatch(images, torch.from_numpy(labels), num_corrupt, torch.from_numpy(mirror))
+    return image_batch(own.view(dtype).view(shape)[:good], torch.from_numpy(labels), num_corrupt,
+                       None if mirror is None else torch.from_numpy(mirror))
 
 
 class PooledImageBatch(ImageBatch):
@@ -227,9 +233,7 @@ class BatchAllocator:
         ``images`` are the first rows of the tensor :meth:`allocate` gave. With ``mirror`` (bool [B'])
         the batch is, or arrives as, an :class:`UnmirroredBatch`."""
         if slot < 0:
-            if mirror is None:
-                return ImageBatch(images, labels, num_corrupt)
-            return UnmirroredBatch(images, labels, num_corrupt, mirror)
+            return image_batch(images, labels, num_corrupt, mirror)
         pool = self._pool
         assert pool is not None
         batch = PooledImageBatch(images, labels, num_corrupt)
