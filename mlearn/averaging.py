@@ -8,6 +8,9 @@ returns a checkpoint whose ``state_dict`` is the mean; everything else (hyper-pa
 optimizer or scheduler state (a mean of weights has no meaningful momentum). Floating-point
 tensors are averaged in float64 and cast back; integer tensors (BatchNorm's
 ``num_batches_tracked``) are taken from the newest checkpoint.
+
+Checkpoints load through :func:`mlearn.trust.load_checkpoint` (``weights_only``); ``unsafe=True``
+(``--unsafe-load``) admits legacy pickles, only for files you trust.
 """
 from __future__ import annotations
 
@@ -18,20 +21,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 
+from mlearn.trust import load_checkpoint, order_checkpoints
+
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 _DROPPED = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
-
-
-def _load(path: PathLike) -> Dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise ValueError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def _state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
@@ -66,12 +61,8 @@ def average_state_dicts(states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, 
     return out
 
 
-def _order_key(item: Any) -> tuple:
-    path, checkpoint = item
-    return (checkpoint.get("epoch", -1), checkpoint.get("global_step", -1), path.stat().st_mtime)
-
-
-def last_checkpoints(folder: PathLike, num: int, pattern: str = "*.ckpt") -> List[Path]:
+def last_checkpoints(folder: PathLike, num: int, pattern: str = "*.ckpt", *,
+                     unsafe: bool = False) -> List[Path]:
     """The ``num`` newest checkpoints in ``folder`` by their recorded (epoch, global_step), oldest first.
 
     ``last*.ckpt`` (Lightning's copy of the newest) is skipped so that no checkpoint counts twice.
@@ -85,23 +76,23 @@ def last_checkpoints(folder: PathLike, num: int, pattern: str = "*.ckpt") -> Lis
     if len(paths) < num:
         raise ValueError(f"{folder}: {len(paths)} checkpoint(s) ({[p.name for p in paths]}), {num} requested; "
                          "save more with ModelCheckpoint(save_top_k=-1, every_n_epochs=...)")
-    metas = []
-    for path in paths:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        metas.append((path, {k: checkpoint.get(k, -1) for k in ("epoch", "global_step")}))
-    return [path for path, _ in sorted(metas, key=_order_key)[-num:]]
+    return order_checkpoints(list(paths), unsafe=unsafe)[-num:]
 
 
-def average_checkpoints(paths: Sequence[PathLike], output: Optional[PathLike] = None) -> Dict[str, Any]:
+def average_checkpoints(paths: Sequence[PathLike], output: Optional[PathLike] = None, *,
+                        unsafe: bool = False) -> Dict[str, Any]:
     """Average the weights of ``paths`` (listed oldest first; the last gives the metadata).
 
     Returns the averaged checkpoint (``state_dict`` + the newest checkpoint's other entries minus
     optimizer/scheduler/loop state, plus ``averaged_from``: the file names); writes it to
-    ``output`` when given.
+    ``output`` when given (never over one of ``paths``).
     """
     if not paths:
         raise ValueError("average_checkpoints: no checkpoints given")
-    checkpoints = [_load(p) for p in paths]
+    if output is not None and any(Path(output).resolve() == Path(p).resolve() for p in paths):
+        raise ValueError(f"--output {output} is one of the checkpoints being averaged; "
+                         "expected a new file")
+    checkpoints = [load_checkpoint(p, unsafe=unsafe) for p in paths]
     states = []
     for path, checkpoint in zip(paths, checkpoints):
         try:
@@ -136,18 +127,20 @@ class LoadWeights(pl.Callback):
     Args:
         path: Lightning checkpoint or state dict.
         strict: every key must match (``False`` loads the matching ones and logs the rest).
+        unsafe: load a legacy pickled checkpoint (``weights_only=False``; only for files you trust).
     """
 
-    def __init__(self, path: str, strict: bool = True) -> None:
+    def __init__(self, path: str, strict: bool = True, unsafe: bool = False) -> None:
         super().__init__()
         self.path = path
         self.strict = strict
+        self.unsafe = unsafe
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path:
             log.info("LoadWeights: resuming from %s, %s not loaded", trainer.ckpt_path, self.path)
             return
-        state = _state_dict(_load(self.path))
+        state = _state_dict(load_checkpoint(self.path, unsafe=self.unsafe))
         result = pl_module.load_state_dict(state, strict=self.strict)
         if not self.strict and (result.missing_keys or result.unexpected_keys):
             log.warning("LoadWeights %s: %d missing, %d unexpected keys", self.path, len(result.missing_keys),

@@ -22,6 +22,9 @@ fp16: weights and compute are float16 but the exported ONNX/TorchScript model ke
 output (casts inside the graph), so it is a drop-in for the fp32 one. Its parity reference is always
 the float32 PyTorch model (what users care about; torch on CPU may lack float16 kernels anyway), with
 tolerance 1e-2 instead of 1e-4.
+
+Parity passes when the max abs diff of the L2-normalised embeddings is within the tolerance AND the
+min cosine between exported and PyTorch embeddings is at least 0.99999 (fp32) / 0.999 (fp16).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from mlearn.inference import (
     l2_normalize,
     load_backbone,
     load_model,
+    resolve_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ PathLike = Union[str, Path]
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 TOLERANCE = {False: 1e-4, True: 1e-2}  # max abs diff of L2-normalised embeddings: fp32, fp16
+MIN_COSINE = {False: 0.99999, True: 0.999}  # min cosine of exported vs PyTorch embeddings: fp32, fp16
 INPUT_NAME, OUTPUT_NAME = "input", "embedding"
 EXPORT_FRAMES, PARITY_FRAMES = 200, 157  # audio: trace at one length, check at another (dynamic axis)
 
@@ -69,16 +74,18 @@ class ParityReport:
     min_cosine: float
     tolerance: float
     raw_relative_diff: float
+    min_cosine_required: float = MIN_COSINE[False]
 
     @property
     def passed(self) -> bool:
         # NaN fails; so does an all-zero embedding (cosine 0), which would make the diff vacuously small
-        return bool(self.max_abs_diff <= self.tolerance and self.min_cosine > 0.5)
+        return bool(self.max_abs_diff <= self.tolerance and self.min_cosine >= self.min_cosine_required)
 
     def __str__(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         return (f"parity {verdict}: max abs diff {self.max_abs_diff:.3e} of L2-normalised embeddings "
-                f"(tolerance {self.tolerance:.0e}), min cosine {self.min_cosine:.6f}, "
+                f"(tolerance {self.tolerance:.0e}), min cosine {self.min_cosine:.6f} "
+                f"(required >= {self.min_cosine_required}), "
                 f"raw max diff / max |x| {self.raw_relative_diff:.1e}")
 
 
@@ -96,20 +103,30 @@ class ExportResult:
 
 
 def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLike] = None, fp16: bool = False,
-                 opset: int = 17, parity_batch: int = 3) -> ExportResult:
+                 opset: int = 17, parity_batch: int = 3, *, unsafe: bool = False,
+                 allow_any_class: bool = False) -> ExportResult:
     """Export the backbone of ``model`` (run dir or ``.ckpt``) as ``format`` and check parity.
 
     ``output`` defaults to ``<run dir>/model[_fp16].{onnx,pt,safetensors}``. The parity check embeds
     ``parity_batch`` random inputs (uint8 images, or fbank features of another length than the traced
     one) with the exported file, loaded back through :func:`mlearn.load_model`, and with the float32
     PyTorch backbone. Raises :class:`ParityError` when the max abs difference of the L2-normalised
-    embeddings exceeds 1e-4 (fp32) / 1e-2 (fp16); the failed file is renamed ``<output>.failed``.
+    embeddings exceeds 1e-4 (fp32) / 1e-2 (fp16) or their min cosine is below 0.99999 / 0.999; the
+    failed file is renamed ``<output>.failed``. ``unsafe`` / ``allow_any_class``: see
+    :func:`mlearn.load_model` (only for checkpoints you trust). ``output`` never overwrites the input.
     """
     if format not in FORMATS:
         raise ValueError(f"format '{format}': expected one of {list(FORMATS)}")
-    backbone, spec, info = load_backbone(model)
-    backbone = backbone.float().eval()
+    if parity_batch < 1:
+        raise ValueError(f"parity_batch={parity_batch}: expected a positive integer")
     output = Path(output) if output else default_output(Path(model), format, fp16)
+    checkpoint = resolve_checkpoint(model, unsafe=unsafe)
+    if output.exists() and (output.is_dir() or output.resolve() == checkpoint.resolve()):
+        what = "a folder" if output.is_dir() else f"the input checkpoint {checkpoint}"
+        raise ValueError(f"--output {output} is {what}; expected a new file such as "
+                         f"{default_output(Path(model), format, fp16)}")
+    backbone, spec, info = load_backbone(checkpoint, unsafe=unsafe, allow_any_class=allow_any_class)
+    backbone = backbone.float().eval()
     output.parent.mkdir(parents=True, exist_ok=True)
     audio = spec.get("modality") == "audio"
     input_axes = {0: "batch", 1: "frames"} if audio else {0: "batch"}
@@ -132,7 +149,8 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based ONNX exporter, torch.jit
         warnings.simplefilter("ignore", FutureWarning)
         _WRITERS[format](to_export, fp16, example, output, metadata, opset=opset, dynamic_axes=dynamic_axes)
-    report = check_parity(backbone, load_model(output, device="cpu"), fp16=fp16, batch=parity_batch)
+    exported = load_model(output, device="cpu", allow_any_class=allow_any_class)
+    report = check_parity(backbone, exported, fp16=fp16, batch=parity_batch)
     log.debug("%s %s", output, report)
     if not report.passed:
         failed = output.with_name(output.name + ".failed")
@@ -164,13 +182,13 @@ def check_parity(backbone: nn.Module, exported: Embedder, fp16: bool = False, ba
     if candidate.shape != reference.shape or not finite:
         # non-finite outputs (e.g. float16 overflow) or a wrong shape: NaN fails the check
         return ParityReport(max_abs_diff=nan, min_cosine=nan, tolerance=TOLERANCE[fp16],
-                            raw_relative_diff=nan)
+                            raw_relative_diff=nan, min_cosine_required=MIN_COSINE[fp16])
     reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
     unit_ref, unit_exp = l2_normalize(reference), l2_normalize(candidate)
     raw = float(np.abs(reference - candidate).max() / max(float(np.abs(reference).max()), 1e-12))
     return ParityReport(max_abs_diff=float(np.abs(unit_ref - unit_exp).max()),
                         min_cosine=float((unit_ref * unit_exp).sum(1).min()), tolerance=TOLERANCE[fp16],
-                        raw_relative_diff=raw)
+                        raw_relative_diff=raw, min_cosine_required=MIN_COSINE[fp16])
 
 
 def default_output(model: Path, format: str, fp16: bool) -> Path:

@@ -4,17 +4,23 @@ Formats: a run dir or Lightning ``.ckpt``, an exported ``.onnx``, TorchScript ``
 ``mlearn.json`` extra file) and ``.safetensors`` (metadata in the header's ``__metadata__``; the
 backbone is rebuilt from the recorded ``class_path`` spec). Imports neither Lightning nor the
 training code: an ONNX model needs only onnxruntime and numpy.
+
+Trust (docs/security.md): a recorded ``class_path`` builds only a registered mlearn backbone
+(``allow_any_class=True`` opts out) and checkpoints load with ``torch.load(weights_only=True)``
+(``unsafe=True`` opts out); ONNX and safetensors files are safe from strangers, TorchScript files
+are programs and are not.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
+
+from mlearn.trust import load_checkpoint, order_checkpoints, resolve_backbone_spec
 
 PathLike = Union[str, Path]
 CHECKPOINT_NAMES = ("last.ckpt",)
@@ -35,16 +41,22 @@ def preprocess_images(images: Any, spec: Dict[str, Any]) -> np.ndarray:
 
     ``images``: numpy array or tensor, one image or a batch, channels last ([H, W, 3], [N, H, W, 3])
     or channels first ([3, H, W], [N, 3, H, W]); images of another size are resized (bilinear) to
-    ``spec["input_size"]`` ([height, width]).
+    ``spec["input_size"]`` ([height, width]). Only dtype uint8 (0-255) is accepted: float images
+    (often in [0, 1]) would silently give unrelated embeddings, so they raise ``ValueError`` like any
+    other dtype or shape.
     """
     array = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
     if array.ndim == 3:
         array = array[None]
     if array.ndim == 4 and array.shape[-1] != 3 and array.shape[1] == 3:
         array = array.transpose(0, 2, 3, 1)  # channels first -> channels last
-    if array.ndim != 4 or array.shape[-1] != 3:
+    if array.ndim != 4 or array.shape[-1] != 3 or 0 in array.shape[1:3]:
         raise ValueError(f"images: expected uint8 RGB [N, H, W, 3] or [N, 3, H, W], "
                          f"got shape {tuple(array.shape)}")
+    if array.dtype != np.uint8:
+        # float images in [0, 1] would be normalised as if in [0, 255]: wrong embeddings, no error
+        raise ValueError(f"images: expected dtype uint8 (RGB values 0-255), got {array.dtype}; "
+                         "convert float images in [0, 1] with (x * 255).round().astype(np.uint8)")
     height, width = spec["input_size"]
     if array.shape[1:3] != (height, width):
         array = np.stack([resize_image(a, height, width) for a in array])
@@ -80,9 +92,13 @@ def preprocess_features(features: Any, spec: Dict[str, Any]) -> np.ndarray:
     if array.ndim == 2:
         array = array[None]
     bins = int(spec.get("num_mel_bins", array.shape[-1]))
-    if array.ndim != 3 or array.shape[-1] != bins:
+    if array.ndim != 3 or array.shape[-1] != bins or array.shape[1] == 0:
         raise ValueError(f"features: expected fbank [N, T, {bins}] (or [T, {bins}]), "
                          f"got shape {tuple(array.shape)}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"features: expected float fbank features, got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ValueError("features: contain NaN or infinite values; expected finite fbank features")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -120,9 +136,10 @@ class Embedder:
         return preprocess_images(batch, self.spec)
 
     def embed(self, batch: Any, normalize: bool = True) -> np.ndarray:
-        """``batch``: one or N uint8 RGB images (HWC or CHW; numpy or tensor), resized if needed;
-        for audio models fbank features [N, T, F]. Returns float32 [N, D], L2-normalised unless
-        ``normalize=False``."""
+        """``batch``: one or N uint8 RGB images (HWC or CHW; numpy or tensor; values 0-255), resized if
+        needed; for audio models finite float fbank features [N, T, F]. Other dtypes (float, uint16,
+        bool images; integer or NaN features) and shapes raise ``ValueError``. Returns float32 [N, D],
+        L2-normalised unless ``normalize=False``."""
         out = np.asarray(self.forward(self.preprocess(batch)), dtype=np.float32)
         return l2_normalize(out) if normalize else out
 
@@ -162,15 +179,19 @@ class OnnxEmbedder(Embedder):
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(self.path), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+            raise ValueError(f"{self.path}: not a readable ONNX model ({_first_line(exc)}); "
+                             "export one with `mlearn export --format onnx`") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = {k: _json_or_str(v) for k, v in meta.items()}
-        self.spec = self.metadata.get("input_spec", DEFAULT_IMAGE_SPEC)
+        self.spec = check_input_spec(self.metadata.get("input_spec", DEFAULT_IMAGE_SPEC), self.path)
         node = self.session.get_inputs()[0]
         self.input_name = node.name
         self.input_dtype = np.float16 if node.type == "tensor(float16)" else np.float32
         size = self.metadata.get("embedding_size", 0) or self.session.get_outputs()[0].shape[-1]
-        self.embedding_size = int(size)
+        self.embedding_size = int(size) if isinstance(size, (int, str)) and str(size).isdigit() else 0
 
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: inputs.astype(self.input_dtype, copy=False)})[0]
@@ -179,13 +200,19 @@ class OnnxEmbedder(Embedder):
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_model(path: PathLike, device: Optional[str] = None) -> Embedder:
+def load_model(path: PathLike, device: Optional[str] = None, *, unsafe: bool = False,
+               allow_any_class: bool = False) -> Embedder:
     """Load a model as an object with ``.embed(batch)`` (see :meth:`Embedder.embed`).
 
     ``path``: a run dir or ``.ckpt`` (training checkpoint), ``.onnx``, TorchScript ``.pt``/``.pth``
     (exported by ``mlearn export --format torchscript``) or ``.safetensors`` (exported by ``mlearn
     export --format safetensors``; the backbone is rebuilt from the recorded spec). ``device``: torch
     device for the PyTorch formats (default: CUDA when available); ONNX uses CUDA when onnxruntime has it.
+
+    Trust (docs/security.md): ``unsafe=True`` loads checkpoints that need a full pickle (code named by
+    the file may run); ``allow_any_class=True`` lets a recorded ``class_path`` import any class, not
+    only registered mlearn backbones. Both only for files you trust. TorchScript files are programs:
+    load them only from trusted sources.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -194,20 +221,24 @@ def load_model(path: PathLike, device: Optional[str] = None) -> Embedder:
     if suffix == ".onnx":
         return OnnxEmbedder(path)
     if suffix == ".safetensors":
-        backbone, metadata = load_safetensors(path)
+        backbone, metadata = load_safetensors(path, allow_any_class=allow_any_class)
         return TorchEmbedder(backbone, metadata["input_spec"], device=device, metadata=metadata)
     if suffix in TORCHSCRIPT_SUFFIXES:
         module, metadata = load_torchscript(path, device=device)
-        spec = metadata.get("input_spec", DEFAULT_IMAGE_SPEC)
+        spec = check_input_spec(metadata.get("input_spec", DEFAULT_IMAGE_SPEC), path)
         return TorchEmbedder(module, spec, device=device, metadata=metadata)
-    backbone, spec, info = load_backbone(path)
+    backbone, spec, info = load_backbone(path, unsafe=unsafe, allow_any_class=allow_any_class)
     metadata = {"input_spec": spec, "embedding_size": int(backbone.embedding_size),
                 "backbone": info["backbone"], "config_hash": info["config_hash"]}
     return TorchEmbedder(backbone, spec, device=device, metadata=metadata)
 
 
 def load_torchscript(path: PathLike, device: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
-    """A TorchScript file and the metadata dict stored in its ``mlearn.json`` extra file ({} if absent)."""
+    """A TorchScript file and the metadata dict stored in its ``mlearn.json`` extra file ({} if absent).
+
+    A TorchScript file is a program (its code runs when called): load only files you trust. The
+    metadata is plain JSON and never names anything that gets imported.
+    """
     import torch
 
     extra = {TORCHSCRIPT_METADATA_FILE: ""}
@@ -215,11 +246,16 @@ def load_torchscript(path: PathLike, device: Optional[str] = None) -> Tuple[Any,
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still supported
         try:
             module = torch.jit.load(str(path), map_location=device or "cpu", _extra_files=extra)
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: not a TorchScript file ({str(exc).splitlines()[0]}); "
-                             "export one with `mlearn export --format torchscript`") from exc
+        except Exception as exc:  # noqa: BLE001 - RuntimeError for most damage, others for some
+            raise ValueError(f"{path}: not a TorchScript file ({_first_line(exc)}); "
+                             "export one with `mlearn export --format torchscript`") from None
     raw = extra[TORCHSCRIPT_METADATA_FILE]
-    metadata = json.loads(raw.decode() if isinstance(raw, bytes) else raw) if raw else {}
+    try:
+        metadata = json.loads(raw.decode() if isinstance(raw, bytes) else raw) if raw else {}
+    except ValueError:
+        raise ValueError(f"{path}: its {TORCHSCRIPT_METADATA_FILE} metadata is not JSON") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: its {TORCHSCRIPT_METADATA_FILE} metadata is not a JSON object")
     return module.eval(), metadata
 
 
@@ -227,13 +263,21 @@ def read_safetensors_metadata(path: PathLike) -> Dict[str, Any]:
     """The ``__metadata__`` of a safetensors file, each (string) value JSON-decoded where possible."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError for a damaged header
+        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(exc)}); "
+                         "export one with `mlearn export --format safetensors`") from None
     return {k: _json_or_str(v) for k, v in raw.items()}
 
 
-def load_safetensors(path: PathLike) -> Tuple[Any, Dict[str, Any]]:
-    """Rebuild the backbone recorded in a safetensors file's metadata and load its weights (as float32)."""
+def load_safetensors(path: PathLike, *, allow_any_class: bool = False) -> Tuple[Any, Dict[str, Any]]:
+    """Rebuild the backbone recorded in a safetensors file's metadata and load its weights (as float32).
+
+    The recorded ``class_path`` must be a registered mlearn backbone unless ``allow_any_class``
+    (see :func:`mlearn.trust.resolve_backbone_spec`); nothing named by the file is imported.
+    """
     from safetensors.torch import load_file
 
     metadata = read_safetensors_metadata(path)
@@ -241,15 +285,21 @@ def load_safetensors(path: PathLike) -> Tuple[Any, Dict[str, Any]]:
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"{path}: no backbone class_path in the safetensors metadata "
                          "(export it with `mlearn export --format safetensors`)")
-    backbone = instantiate(spec)
-    backbone.load_state_dict(load_file(str(path)))  # copy_ casts fp16 weights into the fp32 module
+    backbone = instantiate(spec, allow_any_class=allow_any_class, source=str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated tensor section
+        raise ValueError(f"{path}: cannot read the weights ({_first_line(exc)})") from None
+    _load_weights(backbone, state, path)  # copy_ casts fp16 weights into the fp32 module
     backbone.eval()
-    metadata.setdefault("input_spec", dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC)))
+    metadata["input_spec"] = check_input_spec(
+        metadata.get("input_spec", dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC))), path)
     return backbone, metadata
 
 
-def resolve_checkpoint(path: PathLike) -> Path:
-    """A run dir -> its ``checkpoints/last.ckpt``; a file -> itself. Clear error when missing."""
+def resolve_checkpoint(path: PathLike, *, unsafe: bool = False) -> Path:
+    """A run dir -> its ``checkpoints/last.ckpt``, else its newest checkpoint by the recorded
+    (epoch, global_step) (never by name: ``epoch=10`` is newer than ``epoch=9``); a file -> itself."""
     path = Path(path)
     if path.is_dir():
         for name in CHECKPOINT_NAMES:
@@ -258,7 +308,7 @@ def resolve_checkpoint(path: PathLike) -> Path:
                 return candidate
         found = sorted((path / "checkpoints").glob("*.ckpt"))
         if found:
-            return found[-1]
+            return order_checkpoints(list(found), unsafe=unsafe)[-1]
         raise FileNotFoundError(f"no checkpoint in run dir {path} (expected {path}/checkpoints/last.ckpt)")
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path} "
@@ -266,24 +316,27 @@ def resolve_checkpoint(path: PathLike) -> Path:
     return path
 
 
-def load_backbone(path: PathLike) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
+def load_backbone(path: PathLike, *, unsafe: bool = False,
+                  allow_any_class: bool = False) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
     """Rebuild the backbone of a run dir / checkpoint with its trained weights.
 
     Returns ``(backbone in eval mode, input_spec, info)`` where ``info`` has ``backbone`` (the
-    class_path/init_args spec), ``checkpoint`` path and ``config_hash``.
+    class_path/init_args spec), ``checkpoint`` path and ``config_hash``. The checkpoint loads with
+    :func:`mlearn.trust.load_checkpoint` (``unsafe``) and the backbone through the registered
+    backbones (``allow_any_class``).
     """
-    import torch
-
-    ckpt_path = resolve_checkpoint(path)
-    # Our own checkpoints hold the training config (plain Python objects), hence weights_only=False.
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt_path = resolve_checkpoint(path, unsafe=unsafe)
+    checkpoint = load_checkpoint(ckpt_path, unsafe=unsafe)
     spec = _backbone_spec(checkpoint, ckpt_path)
-    backbone = instantiate(spec)
-    state = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items()
-             if k.startswith("backbone.")}
-    backbone.load_state_dict(state)
+    backbone = instantiate(spec, allow_any_class=allow_any_class, source=str(ckpt_path))
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{ckpt_path}: no state_dict in the checkpoint "
+                         "(expected one written by `mlearn train`)")
+    state = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    _load_weights(backbone, state, ckpt_path)
     backbone.eval()
-    input_spec = dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC))
+    input_spec = check_input_spec(dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC)), ckpt_path)
     config_hash = hashlib.sha256(json.dumps(checkpoint.get("hyper_parameters", {}), sort_keys=True,
                                             default=str).encode()).hexdigest()[:16]
     info = {"backbone": spec, "checkpoint": str(ckpt_path), "config_hash": config_hash}
@@ -291,20 +344,76 @@ def load_backbone(path: PathLike) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
 
 
 def _backbone_spec(checkpoint: Dict[str, Any], ckpt_path: Path) -> Dict[str, Any]:
-    spec = checkpoint.get("hyper_parameters", {}).get("backbone")
+    hparams = checkpoint.get("hyper_parameters", {})
+    spec = hparams.get("backbone") if isinstance(hparams, dict) else None
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"{ckpt_path}: no backbone class_path in the checkpoint's hyper_parameters "
                          "(train with `mlearn train` so the config is stored)")
     return spec
 
 
-def instantiate(spec: Dict[str, Any]) -> Any:
-    """Build ``{class_path: pkg.mod.Class, init_args: {...}}`` (nested specs included)."""
-    module_name, _, attr = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), attr)
-    kwargs = {k: instantiate(v) if isinstance(v, dict) and "class_path" in v else v
-              for k, v in (spec.get("init_args") or {}).items()}
-    return cls(**kwargs)
+def _load_weights(backbone: Any, state: Dict[str, Any], source: PathLike) -> None:
+    """``backbone.load_state_dict(state)`` with a one-line error naming ``source`` on a mismatch."""
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = " ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else "")
+        raise ValueError(f"{source}: weights do not fit the recorded backbone ({detail[:300]})") from None
+
+
+def instantiate(spec: Dict[str, Any], *, allow_any_class: bool = False, source: str = "backbone spec") -> Any:
+    """Build ``{class_path, init_args}`` read from a file: registered mlearn backbones only (nested
+    specs included) unless ``allow_any_class`` (see :func:`mlearn.trust.resolve_backbone_spec`).
+
+    ``pretrained_path`` is dropped: the weights come from the file, and the path may not exist here.
+    """
+    init_args = spec.get("init_args") if isinstance(spec, dict) else None
+    if isinstance(init_args, dict) and init_args.get("pretrained_path") is not None:
+        spec = dict(spec, init_args=dict(init_args, pretrained_path=None))
+    return resolve_backbone_spec(spec, allow_any_class=allow_any_class, source=source)
+
+
+def check_input_spec(spec: Any, source: PathLike) -> Dict[str, Any]:
+    """Validate a recorded input spec (preprocessing) read from ``source``; returns it as a dict."""
+    def fail(what: str) -> ValueError:
+        return ValueError(f"{source}: input_spec {what}; got {str(spec)[:120]}")
+
+    if not isinstance(spec, dict):
+        raise fail("is not a mapping")
+    modality = spec.get("modality", "image")
+    if modality == "audio":
+        bins = spec.get("num_mel_bins")
+        if not _positive_int(bins):
+            raise fail("num_mel_bins: expected a positive integer")
+        return dict(spec)
+    if modality != "image":
+        raise fail(f"modality '{modality}': expected 'image' or 'audio'")
+    size = spec.get("input_size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_positive_int(v) for v in size)):
+        raise fail("input_size: expected [height, width], positive integers")
+    for key in ("mean", "std"):
+        values = spec.get(key)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(_number(v) for v in values)):
+            raise fail(f"{key}: expected three numbers")
+    if any(float(v) == 0 for v in spec["std"]):
+        raise fail("std: expected non-zero values")
+    if spec.get("channels", "RGB") not in ("RGB", "BGR"):
+        raise fail("channels: expected 'RGB' or 'BGR'")
+    return dict(spec)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _json_or_str(value: str) -> Any:

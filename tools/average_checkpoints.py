@@ -23,10 +23,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     source.add_argument("--ckpts", nargs="+", help="checkpoint files, oldest first")
     parser.add_argument("--num", type=int, default=10, help="how many of --dir's newest checkpoints (default 10)")
     parser.add_argument("--output", required=True, help="averaged checkpoint to write")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="load legacy pickled checkpoints (runs code named by the files: only for "
+                             "files you trust; see docs/security.md)")
     args = parser.parse_args(argv)
     try:
-        paths = last_checkpoints(args.dir, args.num) if args.dir else args.ckpts
-        average_checkpoints(paths, args.output)
+        paths = (last_checkpoints(args.dir, args.num, unsafe=args.unsafe_load) if args.dir
+                 else args.ckpts)
+        average_checkpoints(paths, args.output, unsafe=args.unsafe_load)
     except (FileNotFoundError, ValueError) as exc:
         print(f"average_checkpoints: error: {exc}", file=sys.stderr)
         return 2
