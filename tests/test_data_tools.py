@@ -72,7 +72,67 @@ def test_convert_rec_without_names_uses_padded_numbers(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["02", "10"]
     back = ImageFolderDataset(tmp_path / "out")
     np.testing.assert_array_equal(back.labels, RecordIODataset(tmp_path / "rec").labels)
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(ValueError, match="not empty"):
         convert_dataset(tmp_path / "rec", tmp_path / "out", to="folder", progress=False)
     with pytest.raises(ValueError, match="'folder' or 'rec'"):
         convert_dataset(tmp_path / "rec", tmp_path / "x", to="lmdb")
+
+
+UNSAFE_NAMES = ["../evil", "/abs/path", "a/b", "a_b", "..", ".", "", ".hidden", "tab\there", "back\\slash",
+                "Bob", "bob"]
+
+
+def test_convert_to_folder_never_writes_outside_dst_nor_merges(tmp_path: Path) -> None:
+    import json
+
+    with RecordIOWriter(tmp_path / "rec") as writer:
+        for label in range(len(UNSAFE_NAMES)):
+            for n in range(label % 2 + 1):
+                writer.add(np.full((8, 8, 3), 10 * label + n, np.uint8), label)
+    names = {name: i for i, name in enumerate(UNSAFE_NAMES)}
+    (tmp_path / "rec" / "label_map.json").write_text(json.dumps(names))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    dst = tmp_path / "deep" / "out"
+    summary = convert_dataset(tmp_path / "rec", dst, to="folder", progress=False)
+    assert summary == {"images": 18, "classes": 12, "skipped": 0}
+    after = sorted(p for p in tmp_path.rglob("*") if dst not in p.parents and p != dst)
+    assert after == sorted(before + [tmp_path / "deep"])  # nothing outside dst
+    mapping = json.loads((dst / "folder_names.json").read_text())
+    assert set(mapping) == set(UNSAFE_NAMES)
+    folders = [p for p in dst.iterdir() if p.is_dir()]
+    assert len(folders) == 12 and {p.name for p in folders} == set(mapping.values())
+    assert len({p.name.casefold() for p in folders}) == 12  # distinct even where case does not count
+    assert mapping["a_b"] == "a_b" and mapping["Bob"] == "Bob" and mapping["a/b"] != "a_b"
+    assert all(not name.startswith(".") and "/" not in name and "\t" not in name for name in mapping.values())
+    back = ImageFolderDataset(dst)
+    sizes = {name: int(back.class_sizes()[back.label_map[folder]]) for name, folder in mapping.items()}
+    assert sizes == {name: i % 2 + 1 for i, name in enumerate(UNSAFE_NAMES)}
+
+
+def test_convert_refuses_a_non_empty_destination_and_a_set_without_images(tmp_path: Path) -> None:
+    make_folder(tmp_path / "src", {"ann": 2, "ben": 1})
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "label_map.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"destination .*dst is not empty"):
+        convert_dataset(tmp_path / "src", tmp_path / "dst", to="rec", progress=False)
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["label_map.json"]
+    assert (tmp_path / "dst" / "label_map.json").read_text() == "{}"
+    for image in (tmp_path / "src").rglob("*.jpg"):
+        image.write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"none of the 3 images .*src could be read"):
+        convert_dataset(tmp_path / "src", tmp_path / "new", to="folder", progress=False)
+
+
+def test_inspect_counts_records_dropped_at_open(tmp_path: Path) -> None:
+    with RecordIOWriter(tmp_path / "rec") as writer:
+        for label in range(3):
+            for _ in range(2):
+                writer.add(np.full((16, 16, 3), 40 * label, np.uint8), label)
+    lines = (tmp_path / "rec" / "train.idx").read_text().splitlines()
+    cut = int(lines[5].split()[1])  # records 5.. gone: two images and the identity records
+    rec = tmp_path / "rec" / "train.rec"
+    rec.write_bytes(rec.read_bytes()[:cut])
+    report = inspect_dataset(tmp_path / "rec", progress=False)
+    assert report["num_images"] == 4 and report["dropped_at_open"] == 2 and report["corrupt"] == 2
+    text = format_inspect_report(report)
+    assert "corrupt:      2 of 6 records: 2 dropped at open" in text and "past the end" in text

@@ -120,3 +120,24 @@ def test_open_dataset_errors(folder: Path, tmp_path: Path) -> None:
 def test_collate_all_corrupt_batch() -> None:
     images, labels, num_corrupt = collate_skip_corrupt([None, None])
     assert images.numel() == 0 and labels.dtype == torch.long and labels.numel() == 0 and num_corrupt == 2
+
+
+def test_list_file_non_integer_label_among_integers_is_an_error(tmp_path: Path) -> None:
+    save_image(tmp_path / "a.png", seed=0)
+    (tmp_path / "list.txt").write_text("a.png 1\na.png 2\n# note\na.png 2x\na.png 3\n")
+    with pytest.raises(ValueError, match=r"list\.txt:4: label '2x' is not an integer, but 3 of the 4 "):
+        ImageListDataset(tmp_path / "list.txt")
+    (tmp_path / "names.txt").write_text("a.png zed\na.png 007\na.png amy\n")  # names; one looks numeric
+    assert ImageListDataset(tmp_path / "names.txt").label_map == {"007": 0, "amy": 1, "zed": 2}
+
+
+def test_corrupt_sample_error_from_a_worker_keeps_one_line() -> None:
+    from torch.utils.data._utils import ExceptionWrapper
+
+    try:
+        raise CorruptSampleError("record 3 of /x/train.rec: cannot decode image")
+    except CorruptSampleError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(CorruptSampleError) as info:
+        wrapped.reraise()
+    assert str(info.value) == "record 3 of /x/train.rec: cannot decode image (in DataLoader worker process 0)"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from mlearn.data.corrupt import CorruptSampleError, collate_skip_corrupt
 from mlearn.data.recordio import (IR_SIZE, MAGIC, IRHeader, RecordIODataset, RecordIOReader, RecordIOWriter,
-                                  _IndexedWriter, frame, pack, unpack)
+                                  _float32_window, _IndexedWriter, _read_index, frame, pack, unpack)
 from mlearn.data.transforms import build_transform
 
 
@@ -198,3 +198,195 @@ def test_identity_records_inconsistent_with_headers_fall_back_to_headers(tmp_pat
     dataset = RecordIODataset(tmp_path)
     assert dataset.label_map == {7: 0, 8: 1}
     np.testing.assert_array_equal(dataset.labels, [0, 0, 1])
+
+
+def _idx_lines(root: Path) -> List[str]:
+    return (root / "train.idx").read_text().splitlines()
+
+
+def test_index_parser_chunks_blank_lines_crlf_and_bad_lines(tmp_path: Path) -> None:
+    keys = np.arange(0, 3000, 3, dtype=np.int64)[::-1]  # any key order
+    offsets = keys * 1_000_003 + 7
+    text = "".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist()))
+    idx = tmp_path / "a.idx"
+    idx.write_text(text)
+    for chunk in (16, 100, 1 << 22):  # cut inside lines, near line ends, one chunk
+        got_keys, got_offsets = _read_index(idx, chunk_bytes=chunk)
+        np.testing.assert_array_equal(got_keys, keys)
+        np.testing.assert_array_equal(got_offsets, offsets)
+    idx.write_bytes(b"\r\n0\t8\r\n\r\n1 16\n\n2\t24")  # blank lines, CRLF, spaces, no final newline
+    got_keys, got_offsets = _read_index(idx, chunk_bytes=5)
+    assert got_keys.tolist() == [0, 1, 2] and got_offsets.tolist() == [8, 16, 24]
+    for bad, line in ((b"0\t8\n1\t16\n2\tx9\n", 3), (b"0\t8\n1\n", 2), (b"0\t8\t9\n", 1),
+                      (b"0\t8\n1\t99999999999999999999\n", 2), (b"0\t8\n1\t1.5\n", 2)):
+        idx.write_bytes(bad)
+        with pytest.raises(ValueError, match=rf"a\.idx:{line}: expected 'key<TAB>offset'"):
+            _read_index(idx, chunk_bytes=4)
+
+
+def test_reader_holds_no_keys_for_an_ordered_index_and_int32_spans(tmp_path: Path) -> None:
+    write_set(tmp_path, [0, 0, 1])
+    reader = RecordIOReader(tmp_path / "train.rec")
+    assert reader._keys is None and reader.keys.tolist() == list(range(6)) and len(reader) == 6
+    assert reader.spans.dtype == np.int32
+    offsets = [int(line.split()[1]) for line in _idx_lines(tmp_path)]
+    assert reader.spans.tolist() == np.diff(offsets + [reader.file_size]).tolist()
+    lines = _idx_lines(tmp_path)
+    (tmp_path / "train.idx").write_text("\n".join(lines[::-1]) + "\n")  # reversed: sorted on open
+    again = RecordIOReader(tmp_path / "train.rec")
+    assert again.offsets.tolist() == reader.offsets.tolist() and again.spans.tolist() == reader.spans.tolist()
+    (tmp_path / "train.idx").write_text("\n".join(lines[1:]) + "\n")  # keys 1..6: stored
+    sparse = RecordIOReader(tmp_path / "train.rec")
+    assert sparse.keys.tolist() == list(range(1, 6)) and 0 not in sparse and 3 in sparse
+    pos, known = sparse.positions(np.array([0, 3, 9]))
+    assert known.tolist() == [False, True, False] and pos[1] == 2
+
+
+def test_corrupt_length_word_never_reads_past_the_span(tmp_path: Path) -> None:
+    write_set(tmp_path, [0, 0, 1, 1])
+    rec = tmp_path / "train.rec"
+    offsets = {int(k): int(v) for k, v in (line.split() for line in _idx_lines(tmp_path))}
+    raw = bytearray(rec.read_bytes())
+    struct.pack_into("<I", raw, offsets[2] + 4, 300 << 20)  # record 2 claims 300 MiB
+    rec.write_bytes(bytes(raw))
+    with rec.open("r+b") as f:
+        f.truncate(len(raw) + (400 << 20))  # sparse tail: the file is large enough to hold the claim
+    reader = RecordIOReader(rec)
+    sizes: List[int] = []
+    pread = reader._pread
+    reader._pread = lambda offset, size: sizes.append(size) or pread(offset, size)  # type: ignore
+    with pytest.raises(CorruptSampleError, match=r"record 2 of .*corrupt length .*300 ?MiB|corrupt length"):
+        reader.read(2)
+    span = int(reader.spans[2])
+    assert max(sizes) <= max(span, 8) < 100_000
+    dataset = RecordIODataset(tmp_path, transform=build_transform("eval", image_size=32))
+    dataset.reader._pread = reader._pread  # type: ignore[method-assign]
+    sizes.clear()
+    assert dataset[1] is None and dataset[0] is not None and dataset[2] is not None
+    batch = dataset.load_batch([0, 1, 2, 3])
+    assert batch.num_corrupt == 1 and batch.labels.tolist() == [0, 1, 1]
+    assert max(sizes) < 100_000
+
+
+def test_keys_missing_from_the_idx_are_dropped_counted_or_refused(tmp_path: Path) -> None:
+    write_set(tmp_path, [0, 0, 0, 1, 1, 1])
+    lines = _idx_lines(tmp_path)
+    kept = [line for line in lines if not line.startswith("3\t")]
+    (tmp_path / "train.idx").write_text("\n".join(kept) + "\n")
+    dataset = RecordIODataset(tmp_path, transform=build_transform("eval", image_size=32))
+    assert len(dataset) == 5 and dataset.num_dropped_at_open == 1 and dataset.header0 == (7, 9)
+    assert dataset.image_keys.tolist() == [1, 2, 4, 5, 6] and dataset.labels.tolist() == [0, 0, 1, 1, 1]
+    assert "missing from" in dataset.dropped_at_open[0]
+    batch = dataset.load_batch(list(range(5)))
+    assert batch.num_corrupt == 0 and len(batch.labels) == 5
+    dataset.image_keys = np.array([1, 3], dtype=np.int64)  # read a key the .idx lacks: corrupt, not KeyError
+    with pytest.raises(CorruptSampleError, match=r"record 3 of .*key not in .*train\.idx"):
+        dataset.read_record(1)
+    assert dataset[1] is None
+    with pytest.raises(ValueError, match=r"1 of 6 image records cannot be read .*missing from .*strict"):
+        RecordIODataset(tmp_path, strict=True)
+
+
+def test_rec_truncated_at_a_record_boundary(tmp_path: Path) -> None:
+    write_set(tmp_path, [0, 0, 1, 1, 2, 2])
+    offsets = {int(k): int(v) for k, v in (line.split() for line in _idx_lines(tmp_path))}
+    rec = tmp_path / "train.rec"
+    rec.write_bytes(rec.read_bytes()[:offsets[4]])  # records 4.. (images 4-6, identities) are gone
+    dataset = RecordIODataset(tmp_path)
+    assert len(dataset) == 3 and dataset.num_dropped_at_open == 3 and dataset.labels.tolist() == [0, 0, 1]
+    assert "3 image records past the end" in dataset.dropped_at_open[0]
+    with pytest.raises(ValueError, match=r"train\.rec: 3 of 6 image records cannot be read .*past the end"):
+        RecordIODataset(tmp_path, strict=True)
+
+
+def test_empty_rec_or_idx_is_one_clear_error(tmp_path: Path) -> None:
+    write_set(tmp_path, [0, 1])
+    (tmp_path / "train.idx").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"train\.rec: no readable image records .*0 entries in .*\.idx"):
+        RecordIODataset(tmp_path)
+    write_set(tmp_path, [0, 1])
+    (tmp_path / "train.rec").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"train\.rec: no readable image records \(0 bytes"):
+        RecordIODataset(tmp_path)
+
+
+def test_float32_window() -> None:
+    assert _float32_window(7.0) == (7, 7) and _float32_window(2.0 ** 24 - 1) == (2 ** 24 - 1, 2 ** 24 - 1)
+    for n in (2 ** 24 + 1, 2 ** 24 + 3, 2 ** 25 + 5, 42_000_001):
+        lo, hi = _float32_window(float(np.float32(n)))
+        assert lo <= n <= hi and hi - lo <= 2 * float(np.spacing(np.float32(n)))
+
+
+def test_counts_above_2_24_are_exact(tmp_path: Path) -> None:
+    """Header record 0 and identity ranges above 2^24 are float32-rounded; the set is read exactly from
+    the records near the rounded values (a sparse index: the keys in between are absent and dropped)."""
+    big = 2 ** 24
+    n_images, first_identity = big + 6, big + 7
+    classes = {k: 5.0 for k in (1, 2, 3, *range(big - 2, big + 3))}
+    classes.update({k: 9.0 for k in range(big + 3, big + 7)})
+    writer = _IndexedWriter(tmp_path / "train.rec", tmp_path / "train.idx")
+    writer.write(0, pack(IRHeader(2, [first_identity, first_identity + 2], 0, 0), b""))
+    for key, cls in sorted(classes.items()):
+        writer.write(key, pack(IRHeader(0, cls, key, 0), jpeg(key % 7)))
+    writer.write(first_identity, pack(IRHeader(2, [1.0, big + 3], first_identity, 0), b""))
+    writer.write(first_identity + 1, pack(IRHeader(2, [big + 3, n_images + 1], first_identity + 1, 0), b""))
+    writer.close()
+    header = unpack(RecordIOReader(tmp_path / "train.rec").read(0))[0]
+    assert float(header.label[0]) != first_identity  # rounded: read as is, key 2^24+8 is the first identity
+    dataset = RecordIODataset(tmp_path)
+    assert dataset.header0 == (first_identity, first_identity + 2)
+    assert dataset.label_map == {5: 0, 9: 1} and dataset.class_sizes().tolist() == [8, 4]
+    assert dataset.image_keys.tolist() == sorted(classes)
+    assert dataset.num_dropped_at_open == n_images - len(classes)
+
+
+def test_corrupt_first_image_of_an_identity_keeps_the_identity_records(tmp_path: Path, caplog) -> None:
+    write_set(tmp_path, [0, 0, 0, 1, 2, 2])
+    offsets = {int(k): int(v) for k, v in (line.split() for line in _idx_lines(tmp_path))}
+    rec = tmp_path / "train.rec"
+    raw = bytearray(rec.read_bytes())
+    raw[offsets[1]:offsets[1] + 4] = bytes(4)  # image 1 (first of identity 0): bad magic
+    rec.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        dataset = RecordIODataset(tmp_path)
+    assert "instead of the identity records" not in caplog.text  # no scan of every header
+    assert dataset.header0 == (7, 10) and len(dataset) == 6 and dataset.labels.tolist() == [0, 0, 0, 1, 2, 2]
+    raw[offsets[4]:offsets[4] + 4] = bytes(4)  # identity 1's only image too: its class is unknowable
+    rec.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        scanned = RecordIODataset(tmp_path)
+    assert "instead of the identity records" in caplog.text and "record 4 of" in caplog.text
+    assert len(scanned) == 4 and scanned.num_dropped_at_open == 2 and scanned.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_index_cache_is_used_refreshed_when_stale_and_optional(tmp_path: Path, monkeypatch) -> None:
+    import mlearn.data.recordio as recordio
+
+    write_set(tmp_path, [0, 0, 1])
+    idx = tmp_path / "train.idx"
+    cache = tmp_path / "train.idx.npy"
+    expected = RecordIOReader(tmp_path / "train.rec")
+    assert not cache.exists()  # small indexes are not cached unless asked
+    parsed: List[Path] = []
+    real_read_index = recordio._read_index
+    monkeypatch.setattr(recordio, "_read_index", lambda path: parsed.append(path) or real_read_index(path))
+    first = RecordIOReader(tmp_path / "train.rec", cache_index=True)
+    assert cache.is_file() and len(parsed) == 1 and not list(tmp_path.glob(".*tmp"))
+    second = RecordIOReader(tmp_path / "train.rec", cache_index=True)
+    assert len(parsed) == 1  # served from the memory-mapped cache
+    for reader in (first, second):
+        assert reader.offsets.tolist() == expected.offsets.tolist() and reader.read(2) == expected.read(2)
+    lines = _idx_lines(tmp_path)
+    idx.write_text("\n".join(lines[:-1]) + "\n")  # the index changed: the cache is stale
+    third = RecordIOReader(tmp_path / "train.rec", cache_index=True)
+    assert len(parsed) == 2 and len(third) == len(expected) - 1
+    assert len(RecordIOReader(tmp_path / "train.rec", cache_index=True)) == len(third) and len(parsed) == 2
+    cache.write_bytes(b"garbage")  # unreadable: parsed again and rewritten
+    assert len(RecordIOReader(tmp_path / "train.rec", cache_index=True)) == len(third) and len(parsed) == 3
+    cache.unlink()
+
+    def read_only(*args: object) -> None:
+        raise PermissionError(30, "Read-only file system")
+    monkeypatch.setattr(recordio.os, "replace", read_only)
+    assert len(RecordIOReader(tmp_path / "train.rec", cache_index=True)) == len(third)
+    assert not cache.exists() and not list(tmp_path.glob(".*tmp"))

@@ -25,7 +25,25 @@ _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 class CorruptSampleError(RuntimeError):
-    """A sample that cannot be read or decoded; the message names the record index or file."""
+    """A sample that cannot be read or decoded; the message names the record index or file.
+
+    Raised in a DataLoader worker, it reaches the main process re-created from torch's message (the
+    worker's traceback as text); the message is cut back to its one line there."""
+
+    exit_code = 2  # bad data, not a bug: the CLI reports the message as its one error line
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_from_worker(str(message)))
+
+
+def _from_worker(message: str) -> str:
+    """The original one-line message inside torch's "Caught ... in DataLoader worker" text."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    _, found, text = last.partition(f"{CorruptSampleError.__name__}: ")
+    where = message.splitlines()[0].replace("Caught CorruptSampleError ", "").rstrip(".")
+    return f"{text if found else last.strip()} ({where})"
 
 
 def decode_image(data: bytes, where: Union[str, Callable[[], str]]) -> np.ndarray:

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from mlearn.data.folders import open_dataset, save_run_label_map
@@ -14,6 +15,12 @@ from mlearn.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
+
+def _check_positive(**values: Any) -> None:
+    """Arguments that must be integers >= 1 (checked before anything is built or written)."""
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"data.{name}: expected an integer >= 1, got {value!r}")
 
 
 class FaceDataModule(ResumableDataModule):
@@ -57,6 +64,9 @@ class FaceDataModule(ResumableDataModule):
         uint8_batches: bool = True,
         pin_memory: bool = False,
     ) -> None:
+        _check_positive(image_size=image_size, batch_size=batch_size)
+        if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"data.num_workers: expected an integer >= 0, got {num_workers!r}")
         super().__init__(seed)
         self.root = root
         self.expected_num_classes = num_classes
@@ -95,6 +105,10 @@ class FaceDataModule(ResumableDataModule):
         if save_run_label_map(self.trainer, self.dataset, stage):
             log.info("training set %s: %d images, %d identities", self.train_path, len(self.dataset),
                      self.num_classes)
+            dropped = getattr(self.dataset, "num_dropped_at_open", 0)
+            if dropped:  # corrupt too, but never reach a batch: the epoch's corrupt count misses them
+                log.warning("training set %s: %d records dropped at open (%s)", self.train_path, dropped,
+                            "; ".join(self.dataset.dropped_at_open))
 
     def train_dataloader(self) -> DataLoader:
         return self.seeded_dataloader(self.dataset, self.batch_size, self.num_workers, self.pin_memory)

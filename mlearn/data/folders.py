@@ -292,7 +292,8 @@ class ImageListDataset(_FileListDataset):
     """A text file of ``path label`` lines; relative paths start at the list file's folder.
 
     The label is the last whitespace-separated field (so paths may contain spaces); blank lines and
-    lines starting with ``#`` are skipped. Integer labels are ordered numerically, others as strings.
+    lines starting with ``#`` are skipped. Integer labels are ordered numerically, others as strings;
+    when at least half the labels are integers, one that is not is an error naming its line.
     """
 
     format_name = "list"
@@ -306,6 +307,7 @@ class ImageListDataset(_FileListDataset):
         base = self.list_file.parent
         files: List[str] = []
         raw: List[str] = []
+        lines: List[int] = []
         with self.list_file.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 line = line.strip()
@@ -317,16 +319,33 @@ class ImageListDataset(_FileListDataset):
                 path, label = fields
                 files.append(path)  # absolute paths survive os.path.join(base, path)
                 raw.append(label)
+                lines.append(lineno)
         if not files:
             raise ValueError(f"{self.list_file}: no 'path label' lines")
-        original: Sequence[Hashable]
-        try:
-            original = [int(x) for x in raw]
-        except ValueError:
-            original = raw
+        original = _list_labels(raw, self.list_file, lines)
         self._base = str(base)
         self._files = StringTable.of(files)
         self.labels, self.label_map = remap_labels(original)
+
+
+def _list_labels(raw: List[str], list_file: Path, lines: List[int]) -> Sequence[Hashable]:
+    """Integer labels when at least half of them are integers (a stray name among them is then an
+    error naming its line, not a new class), identity names otherwise."""
+    numbers: List[Optional[int]] = []
+    for label in raw:
+        try:
+            numbers.append(int(label))
+        except ValueError:
+            numbers.append(None)
+    bad = [i for i, n in enumerate(numbers) if n is None]
+    if not bad:
+        return numbers  # type: ignore[return-value]
+    if 2 * len(bad) > len(raw):
+        return raw
+    first = bad[0]
+    raise ValueError(f"{list_file}:{lines[first]}: label {raw[first]!r} is not an integer, but "
+                     f"{len(raw) - len(bad)} of the {len(raw)} labels are ({len(bad)} are not); fix "
+                     f"the label, or use names for every identity")
 
 
 def open_dataset(

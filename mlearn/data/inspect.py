@@ -4,11 +4,12 @@ These back ``mlearn data inspect PATH`` and ``mlearn data convert SRC DST --to r
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -55,7 +56,9 @@ def inspect_dataset(path: PathLike, sample: Optional[int] = None, num_workers: i
 
     Returns a dict: ``format``, ``path``, ``num_images``, ``num_classes``, ``class_size``
     (``min``/``median``/``mean``/``max`` images per class), ``decoded`` (images checked), ``corrupt``
-    (how many failed), ``corrupt_examples`` (up to 20 messages naming the record or file),
+    (how many failed, plus ``dropped_at_open``: RecordIO records listed but missing or unreadable when
+    the set was opened, whose causes are in ``dropped_at_open_reasons``), ``corrupt_examples`` (up to 20
+    decoding errors naming the record or file),
     ``image_sizes`` (``"HxW"`` -> count among the decoded), and for RecordIO ``property_num_classes``.
     """
     dataset = open_dataset(path)
@@ -70,6 +73,8 @@ def inspect_dataset(path: PathLike, sample: Optional[int] = None, num_workers: i
     }
     if isinstance(dataset, RecordIODataset):
         report["property_num_classes"] = dataset.property_num_classes()
+    dropped = int(getattr(dataset, "num_dropped_at_open", 0))
+    report["dropped_at_open"] = dropped
     if sample is not None and sample < len(dataset):
         rng = np.random.default_rng(seed)
         indices = np.sort(rng.choice(len(dataset), size=max(sample, 0), replace=False))
@@ -93,7 +98,8 @@ def inspect_dataset(path: PathLike, sample: Optional[int] = None, num_workers: i
         else:
             key = f"{shape[0]}x{shape[1]}"
             shapes[key] = shapes.get(key, 0) + 1
-    report.update(decoded=len(probe), corrupt=num_corrupt, corrupt_examples=corrupt, image_sizes=shapes)
+    report.update(decoded=len(probe), corrupt=num_corrupt + dropped, corrupt_examples=corrupt,
+                  image_sizes=shapes, dropped_at_open_reasons=list(getattr(dataset, "dropped_at_open", [])))
     return report
 
 
@@ -115,10 +121,18 @@ def format_inspect_report(report: Dict[str, Any]) -> str:
     lines.append(f"image sizes:  {sizes or '-'}")
     everything = report["decoded"] == report["num_images"]
     scope = "all" if everything else f"a random sample of {report['decoded']:,}"
-    lines.append(f"corrupt:      {report['corrupt']:,} of {report['decoded']:,} decoded ({scope})")
+    dropped = report.get("dropped_at_open", 0)
+    if dropped:
+        lines.append(f"corrupt:      {report['corrupt']:,} of {report['decoded'] + dropped:,} records: "
+                     f"{dropped:,} dropped at open, {report['corrupt'] - dropped:,} of {report['decoded']:,} "
+                     f"decoded ({scope})")
+    else:
+        lines.append(f"corrupt:      {report['corrupt']:,} of {report['decoded']:,} decoded ({scope})")
+    lines.extend(f"  dropped at open: {why}" for why in report.get("dropped_at_open_reasons", []))
     lines.extend(f"  {message}" for message in report["corrupt_examples"])
-    if report["corrupt"] > len(report["corrupt_examples"]):
-        lines.append(f"  ... and {report['corrupt'] - len(report['corrupt_examples']):,} more")
+    unlisted = report["corrupt"] - dropped - len(report["corrupt_examples"])
+    if unlisted > 0:
+        lines.append(f"  ... and {unlisted:,} more")
     return "\n".join(lines)
 
 
@@ -135,7 +149,58 @@ def _identity_names(dataset: IdentityImageDataset) -> List[str]:
     if all(isinstance(o, (int, np.integer)) and o >= 0 for o in originals):
         width = len(str(max(originals)))
         return [str(o).zfill(width) for o in originals]
-    return [str(o).replace(os.sep, "_") for o in originals]
+    return [str(o) for o in originals]
+
+
+FOLDER_NAMES_FILE = "folder_names.json"  # written by convert --to folder when a name had to change
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")  # separators and control characters
+_MAX_NAME_BYTES = 200
+
+
+def safe_folder_names(names: Sequence[str]) -> List[str]:
+    """One folder name per identity name, safe to create under a destination folder and unique even
+    on case-insensitive file systems: separators and control characters become ``_``, names that are
+    empty, ``.``/``..`` or hidden (leading ``.``) get a leading ``_``, overlong ones are cut; a name that
+    had to change, or that clashes with another, gets ``~`` and 8 hex digits of its hash. Names that
+    are already safe and unique are kept as they are."""
+    out: List[str] = []
+    taken: set = set()
+    for name in names:
+        safe = _UNSAFE.sub("_", name).strip()
+        if not safe or safe.startswith("."):
+            safe = "_" + safe
+        if len(safe.encode("utf-8")) > _MAX_NAME_BYTES:
+            safe = safe.encode("utf-8")[:_MAX_NAME_BYTES].decode("utf-8", "ignore")
+        if safe != name or safe.casefold() in taken:
+            digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()
+            base, n = f"{safe}~{digest[:8]}", 0
+            safe = base
+            while safe.casefold() in taken:
+                n += 1
+                safe = f"{base}-{n}"
+        taken.add(safe.casefold())
+        out.append(safe)
+    return out
+
+
+def _identity_folders(dst: Path, names: List[str]) -> List[Path]:
+    """The folder of each identity below ``dst`` (names made safe); every one is checked to resolve
+    to a direct child of ``dst``, and ``dst/folder_names.json`` maps original -> folder name when
+    any name changed."""
+    safe = safe_folder_names(names)
+    root = dst.resolve()
+    folders = [dst / name for name in safe]
+    for name, folder in zip(names, folders):
+        if folder.resolve().parent != root:
+            raise ValueError(f"convert: identity {name!r} would be written outside {dst}")
+    if safe != names:
+        changed = sum(a != b for a, b in zip(names, safe))
+        log.warning("convert: %d identity names are not safe folder names; the mapping is in %s", changed,
+                    dst / FOLDER_NAMES_FILE)
+        dst.mkdir(parents=True, exist_ok=True)
+        with (dst / FOLDER_NAMES_FILE).open("w", encoding="utf-8") as f:
+            json.dump(dict(zip(names, safe)), f, indent=0, ensure_ascii=False)
+    return folders
 
 
 def convert_dataset(src: PathLike, dst: PathLike, to: str, verify: bool = True, progress: bool = True
@@ -148,21 +213,28 @@ def convert_dataset(src: PathLike, dst: PathLike, to: str, verify: bool = True, 
     ``dst/label_map.json`` (name -> label) so that converting back restores the names.
     With ``verify``, images that do not decode are skipped (and counted) instead of copied.
 
+    ``dst`` must not exist or be an empty folder (nothing is overwritten). Nothing is written outside
+    it: identity names that are not safe folder names (``a/b``, ``..``, absolute paths, control
+    characters) get unique safe ones (:func:`safe_folder_names`, never merged), listed as
+    ``{original name: folder name}`` in ``dst/folder_names.json``.
+
     Returns ``{"images": written, "classes": ..., "skipped": corrupt or unreadable}``.
     """
     if to not in ("folder", "rec"):
         raise ValueError(f"convert: to must be 'folder' or 'rec', got {to!r}")
     dataset = open_dataset(src)
     dst = Path(dst)
-    occupied = (dst / "train.rec").exists() if to == "rec" else (dst.exists() and any(dst.iterdir()))
-    if occupied or (dst.exists() and not dst.is_dir()):
-        raise FileExistsError(f"convert: destination {dst} exists and is not empty; choose a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        what = "is a file" if not dst.is_dir() else "is not empty"
+        raise ValueError(f"convert: destination {dst} {what}; give a new or empty folder (nothing is "
+                         f"overwritten)")
     order = np.argsort(dataset.labels, kind="stable")  # grouped by class, as RecordIO identity records need
     skipped = 0
     written = 0
     classes = set()
     bar = tqdm(order, desc=f"{Path(src).name} -> {dst.name} ({to})", unit="img", disable=not progress)
     names = _identity_names(dataset)
+    folders = _identity_folders(dst, names) if to == "folder" else []
     writer = RecordIOWriter(dst) if to == "rec" else None
     try:
         for index in bar:
@@ -179,7 +251,7 @@ def convert_dataset(src: PathLike, dst: PathLike, to: str, verify: bool = True, 
             if writer is not None:
                 writer.add(data, label)
             else:
-                folder = dst / names[label]
+                folder = folders[label]
                 if label not in classes:
                     folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{index:08d}{image_extension(data)}").write_bytes(data)
@@ -188,6 +260,9 @@ def convert_dataset(src: PathLike, dst: PathLike, to: str, verify: bool = True, 
     finally:
         if writer is not None:
             writer.close()
+    if written == 0:
+        raise ValueError(f"convert: none of the {skipped} images of {src} could be read or decoded (the "
+                         f"first errors are logged above); nothing converted")
     if to == "rec":
         with (dst / LABEL_NAMES_FILE).open("w", encoding="utf-8") as f:
             json.dump({names[c]: c for c in sorted(classes)}, f, indent=0, ensure_ascii=False)

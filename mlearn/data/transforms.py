@@ -216,7 +216,12 @@ class ImageTransform:
                  output: str = "float") -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        scalar = isinstance(image_size, (int, np.integer))
+        self.size = (image_size, image_size) if scalar else tuple(image_size)
+        if len(self.size) != 2 or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+                                          and x >= 1 for x in self.size):
+            raise ValueError(f"image_size: expected a positive number of pixels (or a (height, width) pair), "
+                             f"got {image_size!r}")
         self.augmentations = list(augmentations)
         rest = self.augmentations
         self.flip_p = 0.0
