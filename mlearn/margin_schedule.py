@@ -80,6 +80,7 @@ class MarginScheduler(pl.Callback):
         self.interval = interval
         self.attribute = attribute
         self.margin = self.initial_margin
+        self._checked = False
 
     def steps_per_epoch(self, trainer: pl.Trainer) -> float:
         """Optimizer steps per epoch of ``trainer`` (batches / gradient accumulation)."""
@@ -95,6 +96,19 @@ class MarginScheduler(pl.Callback):
         return margin_at(step, steps, self.initial_margin, self.final_margin, self.increase_start_epoch,
                          self.fix_start_epoch, self.increase_type)
 
+    def check_values(self, margin: Any) -> None:
+        """Refuse a schedule whose initial or final value the margin itself would refuse (its
+        constructor validates the range): the scheduler sets the attribute directly."""
+        hparams = getattr(margin, "_hparams", None)
+        if hparams is None or self.attribute not in hparams():
+            return
+        for name in ("initial_margin", "final_margin"):
+            try:
+                type(margin)(**{**hparams(), self.attribute: getattr(self, name)})
+            except ValueError as error:
+                raise ValueError(f"MarginScheduler: {name}={getattr(self, name)} for "
+                                 f"{type(margin).__name__}: {error}") from None
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         margin = getattr(getattr(pl_module, "head", None), "margin", None)
@@ -102,6 +116,9 @@ class MarginScheduler(pl.Callback):
             raise ValueError(f"MarginScheduler: pl_module.head.margin has no attribute '{self.attribute}' "
                                  f"(head: {type(getattr(pl_module, 'head', None)).__name__}, margin: "
                                  f"{type(margin).__name__})")
+        if not self._checked:
+            self.check_values(margin)
+            self._checked = True
         self.margin = self.value(trainer)
         setattr(margin, self.attribute, self.margin)
         pl_module.log("train/margin", self.margin, on_step=True, on_epoch=False)

@@ -18,6 +18,7 @@ from torch import nn
 from mlearn.data.batches import UnmirroredBatch
 from mlearn.data.transforms import normalize_images
 from mlearn.heads import Margin, PartialFC
+from mlearn.heads import functional as D
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,22 @@ class EmbeddingModule(pl.LightningModule):
     Distributed gradients: every rank back-propagates the same global loss, but only through its
     own samples, so the exact backbone gradient is the SUM of the per-rank gradients. DDP averages;
     :meth:`on_fit_start` installs a communication hook that sums instead (see ``_allreduce_sum``).
-    The sharded class centers are excluded from DDP (each rank owns a different block).
+    The sharded class centers are excluded from DDP (each rank owns a different block). Only plain
+    DDP is supported on more than one process: another wrapper (FSDP, DeepSpeed, ...) fails at fit
+    start rather than silently averaging (1/W) the backbone gradients.
+
+    Corrupt samples: the data module drops them from the batch and reports their count. A batch left
+    with no sample on some rank is skipped on EVERY rank (the decision is all-reduced, so no rank
+    waits in the head's collectives for one that skipped): the ranks back-propagate a zero loss
+    that touches every parameter (DDP's gradient all-reduce completes) and then skip the optimizer
+    step, as a single process skips a batch that returned None: weights, optimizer state (momentum)
+    and the loss scaler stay as they were, the step counter and the learning-rate schedule advance.
+    Under gradient accumulation only a window whose every batch was skipped skips its step.
+
+    Mixed precision (``16-mixed``) on several ranks: the loss scaler skips steps with inf/NaN
+    gradients, decided per rank; the class-center gradients are rank-local, so
+    :meth:`on_after_backward` makes a non-finite center gradient on any rank non-finite on every
+    rank, and every rank skips (and lowers its scale) together.
 
     Learning rate: the optimizer's lr times a per-step factor, a linear warmup over
     ``warmup_epochs`` then ``schedule`` (:class:`Schedule`):
@@ -191,6 +207,8 @@ class EmbeddingModule(pl.LightningModule):
             raise ValueError("schedule 'step' needs lr_milestones (epochs), e.g. [12, 20, 24]")
         if clip_backbone_grad_norm is not None and clip_backbone_grad_norm <= 0:
             raise ValueError(f"clip_backbone_grad_norm={clip_backbone_grad_norm}: expected a positive norm")
+        if num_classes != 0:  # 0: not linked yet (the CLI links it from the data)
+            _check_num_classes(num_classes)
         self.backbone = backbone
         self.head_config = head
         self.num_classes = num_classes
@@ -208,6 +226,7 @@ class EmbeddingModule(pl.LightningModule):
         self._corrupt_in_epoch = 0
         self._tic: Optional[float] = None
         self._rng_to_restore: Optional[Dict[str, Any]] = None
+        self._samples_in_window = False  # a batch of the current accumulation window was used
 
     @property
     def embedding_size(self) -> int:
@@ -216,9 +235,7 @@ class EmbeddingModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.head is not None:
             return
-        if self.num_classes <= 0:
-            raise ValueError(f"model.num_classes={self.num_classes}: expected a positive class count "
-                             "(it is linked from the data when training from the CLI)")
+        _check_num_classes(self.num_classes)
         cfg = self.head_config
         self.head = PartialFC(cfg.margin, self.embedding_size, self.num_classes, sample_rate=cfg.sample_rate,
                               num_subcenters=cfg.num_subcenters, straight_through=cfg.straight_through)
@@ -234,16 +251,56 @@ class EmbeddingModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         images, labels, num_corrupt, mirror = _unpack(batch)
         self._corrupt_in_epoch += num_corrupt
-        if labels.numel() == 0:  # every sample of the batch was corrupt: nothing to learn from
-            log.warning("step %d: batch skipped, all %d samples corrupt", self.global_step, num_corrupt)
-            return None
+        if not D.all_ranks_true(labels.numel() > 0):  # collective: every rank takes the same decision
+            return self._skip_batch(labels.numel() == 0, num_corrupt)
+        self._samples_in_window = True
         assert self.head is not None
+        if self._trainer is not None:
+            # negative sampling keyed by the step (and micro-batch): the same draws after a resume
+            accumulate = max(int(self.trainer.accumulate_grad_batches), 1)
+            self.head.sample_step = self.global_step * accumulate + batch_idx % accumulate
         loss = self.head(self.backbone(normalize_images(images, mirror)), labels)
         self.log("train/loss", loss, prog_bar=True)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]))
         self._log_throughput(images.shape[0])
         return loss
+
+    def _skip_batch(self, empty_here: bool, num_corrupt: int) -> Optional[torch.Tensor]:
+        """What ``training_step`` returns for a batch that some rank cannot use (see the class doc)."""
+        if empty_here:
+            log.warning("step %d: batch skipped, all %d samples corrupt", self.global_step, num_corrupt)
+        else:
+            log.warning("step %d: batch skipped on every rank: another rank's batch was entirely corrupt",
+                        self.global_step)
+        if not D.is_distributed():
+            return None  # Lightning skips backward and step itself
+        # a zero loss reaching every trainable parameter: DDP's reducer sees all its gradients
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Optional[Callable[[], Any]] = None) -> None:
+        """Run the closure (forward and backward of the window's last batch), then step the optimizer
+        unless every batch of the accumulation window was skipped (see the class doc)."""
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        result = optimizer_closure()
+        used, self._samples_in_window = self._samples_in_window, False
+        if used:
+            optimizer.step(closure=lambda: result)  # the closure already ran: hand over its result
+        return None
+
+    def on_after_backward(self) -> None:
+        """fp16 on several ranks: share a non-finite center gradient (:func:`sync_nonfinite_grads`).
+
+        Lightning's MixedPrecision runs the closure (backward, then this hook, after DDP's all-reduce)
+        and only then ``scaler.unscale_``, which records the found-inf that ``scaler.step`` obeys.
+        """
+        if self._trainer is None or self.head is None or not D.is_distributed():
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # fp16 loss scaling
+            sync_nonfinite_grads(self.head.parameters(), self.parameters())
 
     def _log_throughput(self, batch_size: int) -> None:
         now = time.perf_counter()
@@ -261,12 +318,28 @@ class EmbeddingModule(pl.LightningModule):
         if corrupt:
             log.warning("epoch %d: skipped %d corrupt or unreadable samples", self.current_epoch, corrupt)
         self.log("train/corrupt_samples", float(corrupt))
+        dropped = self._records_dropped_at_open()
+        if dropped:  # the same on every rank: each opens the whole set
+            log.warning("epoch %d: %d records of the training set were dropped when it was opened (corrupt "
+                        "or missing; see `mlearn data inspect`)", self.current_epoch, dropped)
+            self.log("train/dropped_at_open", float(dropped))
         self._corrupt_in_epoch = 0
 
+    def _records_dropped_at_open(self) -> int:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(getattr(datamodule, "dataset", None), "num_dropped_at_open", 0) or 0)
+
     def on_fit_start(self) -> None:
-        wrapped = self.trainer.strategy.model
-        if isinstance(wrapped, nn.parallel.DistributedDataParallel) and self.trainer.world_size > 1:
-            strategy = self.trainer.strategy
+        strategy = self.trainer.strategy
+        wrapped = strategy.model
+        if self.trainer.world_size > 1:
+            if not isinstance(wrapped, nn.parallel.DistributedDataParallel):
+                raise ValueError(
+                    f"trainer.strategy: {type(strategy).__name__} wraps the model in "
+                    f"{type(wrapped).__name__} on {self.trainer.world_size} processes; EmbeddingModule "
+                    "supports plain DDP only (strategy: ddp, ddp_spawn or DDPStrategy): it sums the backbone "
+                    "gradients with its own DDP communication hook and keeps the sharded class centers out "
+                    "of the wrapper")
             if getattr(strategy, "_ddp_comm_hook", None) is not None:
                 raise ValueError("EmbeddingModule installs its own DDP communication hook (gradient sum); "
                                  "remove strategy.ddp_comm_hook")
@@ -302,35 +375,49 @@ class EmbeddingModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # The centers are saved gathered (PartialFC's state_dict); so is their optimizer state
         # (momentum), so that a run resumes on any number of ranks with each rank's own rows.
-        self._map_sharded_optimizer_state(checkpoint, lambda head, rows: head.gather_rows(rows))
+        # Both are gathered block by block into rank 0's CPU memory; the other ranks, which do not
+        # write, hold empty placeholders.
+        self._map_sharded_optimizer_state(checkpoint, lambda head, rows: head.gather_rows(rows),
+                                          gathered=False)
         checkpoint["rng_states"] = _gather_rng_states(self.device)  # collective: every rank saves
+        if self.head is not None:
+            checkpoint["partial_fc_sample_seed"] = self.head.sample_seed
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        self._map_sharded_optimizer_state(checkpoint, lambda head, rows: head.local_rows(rows))
+        self._map_sharded_optimizer_state(checkpoint, lambda head, rows: head.local_rows(rows),
+                                          gathered=True)
+        if self.head is not None and "partial_fc_sample_seed" in checkpoint:
+            self.head.sample_seed = int(checkpoint["partial_fc_sample_seed"])
         states = checkpoint.get("rng_states")
         rank, world = _rank_and_world()
         if states and len(states) == world:
             self._rng_to_restore = states[rank]
         elif states:
-            log.warning("checkpoint saved on %d ranks, resuming on %d: random streams (Partial FC sampling, "
-                        "dropout) restart from this run's seed", len(states), world)
+            log.warning("checkpoint saved on %d ranks, resuming on %d: random streams (dropout, stochastic "
+                        "margins) restart from this run's seed", len(states), world)
 
     def _map_sharded_optimizer_state(self, checkpoint: Dict[str, Any],
-                                     fn: Callable[[Any, torch.Tensor], Any]) -> None:
+                                     fn: Callable[[Any, torch.Tensor], Any], gathered: bool) -> None:
+        """Apply ``fn`` to the per-row optimizer state of the sharded parameters (momentum, Adam's
+        moments): the tensors shaped like the local shard, or like the full matrix when ``gathered``."""
         if self.head is None:
             return
         flat = [p for group in self._param_groups() for p in group["params"]]
         sharded = {id(getattr(self.head, name)) for name in self.head.sharded_parameter_names()}
         indices = [i for i, p in enumerate(flat) if id(p) in sharded]
+        rows = self.head.num_classes * self.head.num_subcenters
         for optimizer_state in checkpoint.get("optimizer_states", []):
             for index in indices:
                 state = optimizer_state["state"].get(index)
                 if state is None:
                     continue
+                shape = tuple(flat[index].shape)
+                if gathered:
+                    shape = (rows,) + shape[1:]
                 # a new dict: Optimizer.state_dict() shares the per-parameter dicts with the live optimizer
                 optimizer_state["state"][index] = {
-                    key: fn(self.head, value) if torch.is_tensor(value) and value.dim() > 0 else value
-                    for key, value in state.items()  # per-row tensors, not the step count
+                    key: fn(self.head, value) if _shaped(value, shape) else value
+                    for key, value in state.items()
                 }
 
     def steps_per_epoch(self) -> int:
@@ -361,6 +448,34 @@ class EmbeddingModule(pl.LightningModule):
         # current config (same config, same schedule) and only the step count comes from the checkpoint
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"model.num_classes={num_classes}: a classifier needs at least 2 classes "
+                         "(identities); it is linked from the data when training from the CLI")
+
+
+def _shaped(value: Any, shape: tuple) -> bool:
+    """A per-row state tensor of that shape (not the step count, nor factored row/column state)."""
+    return torch.is_tensor(value) and tuple(value.shape) == shape
+
+
+def sync_nonfinite_grads(local: Iterable[nn.Parameter], params: Iterable[nn.Parameter]) -> bool:
+    """If the rank-local ``local`` gradients hold inf/NaN on ANY rank, fill every gradient of
+    ``params`` with inf on EVERY rank, so that every rank's loss scaler skips the step (a collective
+    call). Returns True when it filled them.
+
+    Gradients that DDP all-reduces agree across ranks already; the sharded class centers' do not,
+    so without this one rank could skip an fp16 step alone and its backbone would diverge.
+    """
+    finite = all(bool(torch.isfinite(p.grad).all()) for p in local if p.grad is not None)
+    if D.all_ranks_true(finite):
+        return False
+    for p in params:
+        if p.grad is not None:
+            p.grad.fill_(float("inf"))  # every parameter: a rank whose shard is empty skips too
+    return True
 
 
 def _unpack(batch: Any) -> tuple:

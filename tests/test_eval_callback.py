@@ -42,3 +42,40 @@ def test_missing_bin_fails_at_setup(tmp_path):
     callback = VerificationCallback([str(tmp_path / "lfw.bin")])
     with pytest.raises(FileNotFoundError, match="lfw.bin not found"):
         callback.setup(None, None, "fit")
+
+
+class StepRecorder(VerificationCallback):
+    """Records the global step of every evaluation instead of evaluating (no .bin needed)."""
+
+    def __init__(self, every_n_train_steps: int) -> None:
+        super().__init__([], every_n_train_steps=every_n_train_steps)
+        self.steps = []
+
+    def evaluate(self, pl_module):
+        self.steps.append(pl_module.trainer.global_step)
+        return {}
+
+
+class FourBatches(EmbeddingModule):
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(16, 3, 32, 32, generator=g)
+        return DataLoader(TensorDataset(images, torch.arange(16) % 4), batch_size=4)
+
+
+@pytest.mark.parametrize("every,accumulate,expected", [
+    (1, 2, [1, 2, 3, 4]),  # 8 batches, 4 optimizer steps: once per step, not per micro-batch
+    (2, 1, [2, 4, 6, 8]),  # 8 steps: never at step 0
+    (3, 2, [3]),
+])
+def test_callback_fires_once_per_optimizer_step_never_at_step_0(every, accumulate, expected):
+    backbone = IResNet(layers=[1], width=8, embedding_size=16, input_size=32, stem_stride=2)
+    module = FourBatches(backbone, HeadConfig(margin=CosFace(s=8.0, m=0.1)), num_classes=4,
+                         optimizer=partial(torch.optim.SGD, lr=0.01), schedule="constant")
+    callback = StepRecorder(every)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[callback],
+                         accumulate_grad_batches=accumulate)
+    trainer.fit(module)
+    assert trainer.global_step == 8 // accumulate
+    assert callback.steps == expected

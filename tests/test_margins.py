@@ -183,6 +183,50 @@ def test_bad_inputs() -> None:
         build_margin("cosface", s=0)
 
 
+# (margin, kwargs, the error's "name=value" and range): each margin's hyper-parameters outside the
+# range where the loss means anything are refused at construction
+OUT_OF_RANGE = [
+    ("arcface", {"m": math.pi}, "m=3.14159", "[0, 3.14159)"),  # every target in the fallback branch
+    ("arcface", {"m": 3.2}, "m=3.2", "[0, 3.14159)"),
+    ("arcface", {"m": -0.1}, "m=-0.1", "[0, 3.14159)"),
+    ("arcface", {"s": 0.0}, "s=0.0", "positive"),
+    ("arcface", {"s": -64.0}, "s=-64.0", "positive"),
+    ("softmax", {"s": math.inf}, "s=inf", "positive finite"),
+    ("curricularface", {"m": 3.5}, "m=3.5", "[0, 3.14159)"),
+    ("combined", {"m2": 3.2}, "m2=3.2", "[0, 3.14159)"),
+    ("combined", {"m1": 0.5}, "m1=0.5", "[1, inf)"),
+    ("combined", {"m3": -0.2}, "m3=-0.2", "[0, 2)"),
+    ("cosface", {"m": 2.0}, "m=2.0", "[0, 2)"),
+    ("cosface", {"m": -0.35}, "m=-0.35", "[0, 2)"),
+    ("elasticface_arc", {"m": 3.3}, "m=3.3", "[0, 3.14159)"),
+    ("elasticface_cos", {"m": 2.5}, "m=2.5", "[0, 2)"),
+    ("elasticface_cos", {"std": -0.05}, "std=-0.05", ">= 0"),
+    ("adaface", {"m": 1.0}, "m=1.0", "[0, 1)"),
+    ("adaface", {"h": -0.3}, "h=-0.3", ">= 0"),
+    ("circle", {"m": 0.5}, "m=0.5", "[0, 0.5)"),
+    ("circle", {"m": -0.25}, "m=-0.25", "[0, 0.5)"),
+]
+
+
+@pytest.mark.parametrize("name,kw,named,valid", OUT_OF_RANGE,
+                         ids=[f"{n}-{'-'.join(map(str, kw.items()))}" for n, kw, _, _ in OUT_OF_RANGE])
+def test_out_of_range_hyperparameters_are_refused(name: str, kw: dict, named: str, valid: str) -> None:
+    with pytest.raises(ValueError) as error:
+        build_margin(name, **kw)
+    message = str(error.value)
+    assert message.startswith(named) and valid in message, message
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("arcface", {"m": 0.0}), ("arcface", {"m": 3.14}), ("cosface", {"m": 0.0}),
+    ("combined", {"m1": 4.0, "m2": 0.0, "m3": 0.0}), ("circle", {"m": 0.0}),
+    ("adaface", {"m": 0.0, "h": 0.0}), ("elasticface_cos", {"std": 0.0}),
+])
+def test_range_boundaries_that_are_accepted(name: str, kw: dict) -> None:
+    cosine, labels, norms = make_inputs()
+    assert torch.isfinite(_call(build_margin(name, **kw).double(), cosine, labels, norms)).all()
+
+
 @pytest.mark.parametrize("name", list_margins())
 def test_eval_leaves_buffers_and_rows_without_target(name: str) -> None:
     cosine, labels, norms = make_inputs()
@@ -326,3 +370,14 @@ def test_finite_gradient_at_cosine_one() -> None:
             build_margin(name).double(), cosine, labels, torch.ones(2, dtype=torch.float64)
         ).sum().backward()
         assert torch.isfinite(cosine.grad).all(), name
+
+
+def test_margin_scheduler_refuses_values_the_margin_refuses() -> None:
+    from mlearn.margin_schedule import MarginScheduler
+
+    MarginScheduler(initial_margin=0.0, final_margin=0.2).check_values(build_margin("arcface"))
+    with pytest.raises(ValueError, match=r"final_margin=3.3 for ArcFace: m=3.3: expected a number in \[0, 3.14"):
+        MarginScheduler(initial_margin=0.0, final_margin=3.3).check_values(build_margin("arcface"))
+    with pytest.raises(ValueError, match=r"initial_margin=-0.1 for CosFace: m=-0.1"):
+        MarginScheduler(initial_margin=-0.1, final_margin=0.2).check_values(build_margin("cosface"))
+

@@ -1,9 +1,11 @@
-"""PartialFC: sharded (gloo, CPU) loss and gradients equal the single-process full computation."""
+"""PartialFC: sharded (gloo, CPU) loss and gradients equal the single-process full computation; negative
+sampling is seeded by (seed, step, rank)."""
 
 from __future__ import annotations
 
 import copy
 import os
+from typing import Any, Dict
 
 import pytest
 import torch
@@ -62,8 +64,13 @@ def _check_cases(rank: int, world: int) -> dict:
         if name == "curricularface":
             head.margin.t.fill_(0.3)  # hard negatives modulated from the first step
         ref_margin = copy.deepcopy(head.margin)
-        full = head.state_dict()["weight"]  # gathered
+        full = D.all_gather_variable(head.weight)  # every rank's shard, on every rank
         assert full.shape == (NUM_CLASSES * k, DIM)
+        saved = head.state_dict()["weight"]  # gathered onto rank 0 only, placeholders elsewhere
+        if rank == 0:
+            assert torch.equal(saved, full) and saved.device.type == "cpu"
+        else:
+            assert saved.shape == (0, DIM)
         for step in range(2):  # two steps: the margin state evolves identically
             ref_loss, ref_emb_grad, ref_w_grad = reference(ref_margin, full, emb, labels, k, seed=100 + step)
             x = emb[lo:hi].clone().requires_grad_()
@@ -92,9 +99,8 @@ def _check_sampling(rank: int, world: int) -> dict:
     labels = torch.randint(0, num_classes, (12 * world,), generator=g)
     lo, hi = 12 * rank, 12 * (rank + 1)
     head = PartialFC(ArcFace(s=8.0), DIM, num_classes, sample_rate=rate).double()
-    full = head.state_dict()["weight"]
+    full = D.all_gather_variable(head.weight)
     x = emb[lo:hi].clone().requires_grad_()
-    torch.manual_seed(7 + rank)  # sampling is per rank: no need for equal streams
     loss = head(x, labels[lo:hi])
     loss.backward()
 
@@ -202,6 +208,8 @@ def test_errors() -> None:
         head(torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="sample_rate=0"):
         PartialFC(ArcFace(), 4, 5, sample_rate=0.0)
+    with pytest.raises(ValueError, match="num_classes=1: a classifier needs at least 2 classes"):
+        PartialFC(ArcFace(), 4, 1)  # the loss would be 0 whatever the embeddings
     assert head.sharded_parameter_names() == ["weight"]
 
 
@@ -226,3 +234,45 @@ def test_straight_through_option() -> None:
     g_st = torch.autograd.grad(st(emb, labels), emb)[0]
     g_exact = torch.autograd.grad(exact(emb, labels), emb)[0]
     assert not torch.allclose(g_st, g_exact)  # the approximation is real and opt-in
+
+
+def _draws(rank: int, world: int) -> Dict[str, Any]:
+    def head() -> PartialFC:
+        return PartialFC(ArcFace(s=8.0), DIM, 40, sample_rate=0.25, seed=123)
+
+    a = head()
+    emb = torch.randn(3, DIM, generator=torch.Generator().manual_seed(rank))
+    labels = torch.tensor([0, 20, 0])  # local offset 0 in both ranks' blocks ([0, 20) and [20, 40))
+    draws = []
+    for _ in range(3):
+        a(emb, labels)
+        draws.append(a.last_sample_index.tolist())
+    assert a.sample_step == 3
+    resumed = head()
+    resumed.sample_step = 2  # e.g. restored from the global step
+    resumed(emb, labels)
+    assert resumed.last_sample_index.tolist() == draws[2]
+    assert len({tuple(d) for d in draws}) == 3  # every step draws anew
+    return {"draws": draws}
+
+
+@pytest.mark.distributed
+def test_sampling_is_seeded_by_seed_step_and_rank() -> None:
+    ranks = run_in_ddp(2, _draws)
+    for step in range(3):
+        first, second = ranks[0]["draws"][step], ranks[1]["draws"][step]
+        assert 0 in first and 0 in second and len(first) == len(second) == 5
+        assert first != second  # the ranks do not keep the same local offsets (striped sampling)
+
+
+def test_sampling_is_uniform_over_the_block() -> None:
+    head = PartialFC(ArcFace(s=8.0), DIM, 50, sample_rate=0.2, seed=7)
+    counts = torch.zeros(50)
+    emb, labels = torch.randn(2, DIM), torch.tensor([0, 0])
+    for _ in range(400):
+        head(emb, labels)
+        counts[head.last_sample_index] += 1
+    others = counts[1:] / 400  # class 0 is a positive: always kept
+    assert counts[0] == 400
+    assert others.mean().item() == pytest.approx(9 / 49, rel=1e-6)
+    assert others.min().item() > 0.1 and others.max().item() < 0.28  # ~0.184 each, binomial spread

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 class VerificationCallback(pl.Callback):
     """Log ``val/<name>/accuracy`` (LFW 10-fold, flip fusion), ``accuracy_std``, ``tar@far=1e-3`` and
     ``eer`` for each ``.bin`` set at the end of every ``every_n_epochs`` training epochs, or every
-    ``every_n_train_steps`` steps when that is > 0.
+    ``every_n_train_steps`` optimizer steps when that is > 0: never at step 0, and once per optimizer
+    step under gradient accumulation (not once per micro-batch).
 
     Every rank computes the (small) sets itself, so a ``ModelCheckpoint(monitor="val/<name>/accuracy",
     mode="max")`` selects the best checkpoint under DDP too. A missing file fails at fit start.
@@ -34,6 +35,7 @@ class VerificationCallback(pl.Callback):
         self.batch_size = batch_size
         self.flip = flip
         self._sets: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        self._last_step: Optional[int] = None  # the global step evaluated last (or resumed at)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for path in self.bins:
@@ -41,8 +43,15 @@ class VerificationCallback(pl.Callback):
                 raise FileNotFoundError(f"VerificationCallback: {path} not found (see datasets/face_bins.md)")
             self._sets[path.stem] = read_bin(path)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step  # a resumed run evaluated its current step already
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.every_n_train_steps > 0 and trainer.global_step % self.every_n_train_steps == 0:
+        step = trainer.global_step  # optimizer steps done; unchanged between micro-batches
+        if self.every_n_train_steps <= 0 or step == 0 or step == self._last_step:
+            return
+        if step % self.every_n_train_steps == 0:
+            self._last_step = step
             self.evaluate(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

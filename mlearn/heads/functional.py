@@ -8,12 +8,16 @@ then skipped and the single-process result is returned.
 * :func:`dist_cross_entropy`: softmax cross-entropy over class logits sharded column-wise across
   ranks (max and sum all-reduced), averaged over the rows (the global batch).
 * :func:`shared_target_cosine`, :func:`shared_generator`: per-step quantities every rank must agree on.
+* :func:`gather_to_root`: concatenate rows onto rank 0's CPU memory, block by block (checkpoints).
+* :func:`all_ranks_true`: one decision that every rank takes the same way.
+* :func:`step_generator`: a generator seeded by (seed, step, rank), for draws that must differ per rank.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -57,6 +61,15 @@ def all_reduce_sum(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -
 def all_reduce_max(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -> torch.Tensor:
     """Element-wise max over ranks (no gradient)."""
     return _all_reduce(tensor, dist.ReduceOp.MAX, group)
+
+
+def all_ranks_true(flag: bool, group: Optional[ProcessGroup] = None) -> bool:
+    """True when ``flag`` holds on every rank of ``group`` (a collective call when distributed)."""
+    if not is_distributed(group):
+        return bool(flag)
+    failed = torch.tensor([0.0 if flag else 1.0], device=collective_device(group))
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    return failed.item() == 0.0
 
 
 def _gather_sizes(n: int, group: Optional[ProcessGroup]) -> list:
@@ -197,3 +210,49 @@ def shared_generator(group: Optional[ProcessGroup] = None) -> torch.Generator:
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast(seed, src=src, group=group)
     return torch.Generator().manual_seed(int(seed.item()))
+
+
+_GATHER_BLOCK_BYTES = 64 << 20  # device memory per round of gather_to_root, all ranks' blocks together
+
+
+def gather_to_root(
+    tensor: torch.Tensor, group: Optional[ProcessGroup] = None, block_bytes: int = _GATHER_BLOCK_BYTES
+) -> Optional[torch.Tensor]:
+    """Concatenate ``tensor`` [N_r, ...] over ranks (by rank, N_r may differ) into CPU memory of the
+    group's rank 0; returns None on the other ranks (a collective call). No gradient.
+
+    Rows travel in rounds of at most ``block_bytes`` on the collective device (every rank sends its
+    next block, padded to the round's size), so the extra device memory is one round, not the full
+    matrix; only rank 0 holds the [sum_r N_r, ...] result. Without ``torch.distributed``: a CPU copy.
+    """
+    if not is_distributed(group):
+        return tensor.detach().cpu()
+    sizes = _gather_sizes(tensor.shape[0], group)
+    rank, world = dist.get_rank(group), len(sizes)
+    device = collective_device(group)
+    row_shape = tuple(tensor.shape[1:])
+    row_bytes = max(int(np.prod(row_shape, dtype=np.int64)), 1) * tensor.element_size()
+    rows = max(block_bytes // (row_bytes * world), 1)
+    root = dist.get_global_rank(group, 0) if group is not None else 0
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    out = torch.empty((sum(sizes),) + row_shape, dtype=tensor.dtype) if rank == 0 else None
+    for lo in range(0, max(sizes), rows):
+        count = min(rows, max(sizes) - lo)  # this round's rows per rank (the last round may be short)
+        mine = tensor.detach()[lo : lo + count]
+        block = tensor.new_zeros((count,) + row_shape, device=device)
+        block[: mine.shape[0]] = mine.to(device)
+        blocks = [torch.empty_like(block) for _ in sizes] if rank == 0 else None
+        dist.gather(block, blocks, dst=root, group=group)
+        if out is not None and blocks is not None:
+            for start, size, received in zip(starts, sizes, blocks):
+                n = min(max(size - lo, 0), count)
+                out[start + lo : start + lo + n] = received[:n].cpu()
+    return out
+
+
+def step_generator(seed: int, step: int, rank: int, device: Any = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from (seed, step, rank) only: the same triple always gives
+    the same stream, and different ranks (or steps) get unrelated streams."""
+    mixed = np.random.SeedSequence([int(seed) & (2**63 - 1), int(step), int(rank)])
+    value = int(mixed.generate_state(1, dtype=np.uint64)[0]) >> 1  # manual_seed takes < 2**63
+    return torch.Generator(device=device).manual_seed(value)

@@ -47,13 +47,25 @@ def list_margins() -> List[str]:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name}={value!r}: expected a positive number")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}={value!r}: expected a positive finite number")
 
 
 def _check_non_negative(name: str, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{name}={value!r}: expected a number >= 0")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
+
+
+def _check_range(name: str, value: float, low: float, high: float, why: str) -> None:
+    """``low <= value < high``, else a ValueError naming the parameter, the value and the range."""
+    if not low <= value < high:
+        raise ValueError(f"{name}={value!r}: expected a number in [{low:g}, {high:.6g}) ({why})")
+
+
+# Valid margin ranges. An angular margin m >= pi maps every target angle to the fallback branch (the
+# loss collapses); a cosine margin >= 2 puts every target below every other class's cosine.
+_ANGULAR = (0.0, math.pi, "an angular margin in radians; m >= pi collapses the loss")
+_COSINE = (0.0, 2.0, "a cosine margin; m >= 2 puts every target below every other class")
 
 
 def _sin_from_cos(cos: torch.Tensor) -> torch.Tensor:
@@ -179,7 +191,7 @@ class ArcFace(Margin):
 
     def __init__(self, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__(s)
-        _check_non_negative("m", m)
+        _check_range("m", m, *_ANGULAR)
         self.m = float(m)
 
     def target_logit(self, target: torch.Tensor, batch: MarginBatch) -> torch.Tensor:
@@ -200,6 +212,7 @@ class CosFace(Margin):
 
     def __init__(self, s: float = 64.0, m: float = 0.4) -> None:
         super().__init__(s)
+        _check_range("m", m, *_COSINE)
         self.m = float(m)
 
     def target_logit(self, target: torch.Tensor, batch: MarginBatch) -> torch.Tensor:
@@ -221,7 +234,9 @@ class CombinedMargin(Margin):
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0) -> None:
         super().__init__(s)
-        _check_positive("m1", m1)
+        _check_range("m1", m1, 1.0, math.inf, "a multiplicative angular margin; 1 means none")
+        _check_range("m2", m2, *_ANGULAR)
+        _check_range("m3", m3, *_COSINE)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
 
     def target_logit(self, target: torch.Tensor, batch: MarginBatch) -> torch.Tensor:
@@ -246,10 +261,13 @@ class _Elastic(Margin):
     """Shared ElasticFace logic: one margin m_i ~ N(m, std) drawn per row and call."""
 
     stochastic = True
+    #: m in radians (ElasticFace-Arc) rather than cosine units (ElasticFace-Cos)
+    angular = True
 
     def __init__(self, s: float, m: float, std: float, plus: bool) -> None:
         super().__init__(s)
         _check_non_negative("std", std)
+        _check_range("m", m, *(_ANGULAR if self.angular else _COSINE))
         self.m, self.std, self.plus = float(m), float(std), bool(plus)
 
     @property
@@ -297,6 +315,8 @@ class ElasticArcFace(_Elastic):
 class ElasticCosFace(_Elastic):
     """ElasticFace-Cos: target s·(cosθ − m_i), m_i ~ N(m, std) per row (cosine units)."""
 
+    angular = False
+
     def __init__(self, s: float = 64.0, m: float = 0.35, std: float = 0.05, plus: bool = False) -> None:
         super().__init__(s, m, std, plus)
 
@@ -323,6 +343,9 @@ class AdaFace(Margin):
         super().__init__(s)
         if not 0.0 <= t_alpha <= 1.0:
             raise ValueError(f"t_alpha={t_alpha!r}: expected a number in [0, 1]")
+        # the additive part m + m·ẑ reaches 2m: m >= 1 puts high-norm targets below every other class
+        _check_range("m", m, 0.0, 1.0, "AdaFace's margin; its cosine part reaches 2m")
+        _check_non_negative("h", h)
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
         self.register_buffer("batch_mean", torch.full((1,), 20.0))
         self.register_buffer("batch_std", torch.full((1,), 100.0))
@@ -368,7 +391,7 @@ class CurricularFace(Margin):
 
     def __init__(self, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__(s)
-        _check_non_negative("m", m)
+        _check_range("m", m, *_ANGULAR)
         self.m = float(m)
         self.register_buffer("t", torch.zeros(1))
 
@@ -401,6 +424,9 @@ class CircleMargin(Margin):
 
     def __init__(self, s: float = 256.0, m: float = 0.25) -> None:
         super().__init__(s)
+        # the decision boundaries are cosθ_p = 1 − m and cosθ_n = m: they meet at m = 0.5
+        _check_range("m", m, 0.0, 0.5, "Circle loss's relaxation; the positive and negative "
+                     "boundaries 1 − m and m cross at 0.5")
         self.m = float(m)
 
     def target_logit(self, target: torch.Tensor, batch: MarginBatch) -> torch.Tensor:

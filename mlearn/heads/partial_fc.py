@@ -53,15 +53,23 @@ class PartialFC(nn.Module):
 
     Sampling (``sample_rate < 1``): per step each rank keeps ``max(floor(sample_rate·num_local),
     #positives in its block)`` classes, always including every class of the global batch that it
-    holds; the rest are drawn uniformly (default generator). ``last_sample_index`` holds the kept
-    local class indices of the last training step. In ``eval()`` mode every class is used.
+    holds; the rest are drawn uniformly from its block with a generator seeded by (``seed``,
+    ``sample_step``, rank): independent per rank, so the union over ranks is uniform (not the same
+    local offsets on every rank), and reproducible: the same triple gives the same draw, also after a
+    resume. ``sample_step`` counts the sampled training calls unless the owner sets it before each
+    call (:class:`mlearn.module.EmbeddingModule` derives it from the global step). ``last_sample_index``
+    holds the kept local class indices of the last training step. In ``eval()`` mode every class is
+    used. As in arcface_torch's PartialFC_V2, ``weight.grad`` is dense with zero rows for the
+    unsampled classes, so momentum and weight decay still move those rows.
 
     Collectives: when distributed, construction (shared initialisation seed), ``forward`` and
     ``state_dict()`` are collective calls: every rank of ``process_group`` must make them.
 
-    Checkpoints: ``state_dict()`` stores the full [num_classes·K, D] matrix (gathered: a collective
-    call, so every rank must call it) and ``load_state_dict()`` takes this rank's rows, so a checkpoint
-    saved on W ranks loads on any W'.
+    Checkpoints: ``state_dict()`` stores the full [num_classes·K, D] matrix, gathered block by block
+    into rank 0's CPU memory (a collective call, so every rank must call it); the other ranks get an
+    empty [0, D] placeholder, since only rank 0 writes a checkpoint (:meth:`gather_rows`). On one
+    process it is the parameter itself, as for any module. ``load_state_dict()`` takes this rank's
+    rows of the full matrix, so a checkpoint saved on W ranks loads on any W'.
 
     Args:
         margin: turns cosines into logits (:class:`mlearn.heads.Margin`).
@@ -74,6 +82,8 @@ class PartialFC(nn.Module):
             logits were s·cosθ (arcface_torch's ``no_grad`` ArcFace). Not the exact gradient; off by default.
         init_std: centers are initialised N(0, init_std), identically for any world size.
         process_group: the ranks sharing the centers (default: the whole world when initialised).
+        seed: base seed of the negative-class sampling (default: the seed of the initial centers,
+            drawn from the default generator and shared by all ranks).
     """
 
     def __init__(
@@ -86,6 +96,7 @@ class PartialFC(nn.Module):
         straight_through: bool = False,
         init_std: float = 0.01,
         process_group: Optional[Any] = None,
+        seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not isinstance(margin, nn.Module):
@@ -94,8 +105,9 @@ class PartialFC(nn.Module):
             )
         if embedding_size < 1:
             raise ValueError(f"embedding_size={embedding_size}: expected a positive integer")
-        if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes}: expected a positive integer")
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes "
+                             "(with one class the softmax loss is 0 whatever the embeddings)")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate={sample_rate}: expected a number in (0, 1]")
         if num_subcenters < 1:
@@ -112,7 +124,10 @@ class PartialFC(nn.Module):
         self.process_group = process_group
         self.rank, self.world_size = D.rank_and_world(process_group)
         self.class_start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
-        self.weight = nn.Parameter(self._initial_weight())
+        shared_seed = int(D.shared_generator(self.process_group).initial_seed())
+        self.weight = nn.Parameter(self._initial_weight(shared_seed))
+        self.sample_seed = int(shared_seed if seed is None else seed)
+        self.sample_step = 0
         self.last_sample_index: Optional[torch.Tensor] = None
         self.register_state_dict_post_hook(_gather_weight_hook)
         self.register_load_state_dict_pre_hook(_slice_weight_hook)
@@ -126,10 +141,16 @@ class PartialFC(nn.Module):
         return []
 
     def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """This rank's rows [num_local·K, ...] -> the full [num_classes·K, ...] (collective call)."""
+        """This rank's rows [num_local·K, ...] -> the full [num_classes·K, ...] on rank 0's CPU, an
+        empty [0, ...] placeholder on the other ranks (collective call); ``local`` itself on one rank.
+
+        Rows are gathered block by block (:func:`mlearn.heads.functional.gather_to_root`): no rank
+        holds the full matrix on its device, and only rank 0 holds it at all.
+        """
         if self.world_size == 1:
             return local
-        return D.all_gather_variable(local.detach(), self.process_group)
+        full = D.gather_to_root(local, self.process_group)
+        return full if full is not None else local.detach().new_empty((0,) + tuple(local.shape[1:]))
 
     def local_rows(self, full: torch.Tensor) -> torch.Tensor:
         """The full [num_classes·K, ...] -> this rank's rows [num_local·K, ...]."""
@@ -145,10 +166,9 @@ class PartialFC(nn.Module):
             f"{self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}"
         )
 
-    def _initial_weight(self) -> torch.Tensor:
+    def _initial_weight(self, seed: int) -> torch.Tensor:
         # Chunks of rows seeded from one shared seed: the same matrix for any world size, and no two
         # ranks start with equal centers; each rank only generates the chunks it holds.
-        seed = int(D.shared_generator(self.process_group).initial_seed())
         k = self.num_subcenters
         start, stop = self.class_start * k, (self.class_start + self.num_local) * k
         weight = torch.empty(stop - start, self.embedding_size)
@@ -186,10 +206,13 @@ class PartialFC(nn.Module):
         valid = local >= 0
         positives = torch.unique(local[valid])
         num_sample = max(int(self.sample_rate * self.num_local), positives.numel())
+        device = self.weight.device
         with torch.no_grad():
-            score = torch.rand(self.num_local, device=self.weight.device)
+            generator = D.step_generator(self.sample_seed, self.sample_step, self.rank, device)
+            score = torch.rand(self.num_local, device=device, generator=generator)
             score[positives] = 2.0  # positives always win the top-k
             index = torch.topk(score, num_sample).indices.sort().values
+        self.sample_step += 1
         remapped = local.clone()
         remapped[valid] = torch.searchsorted(index, local[valid])
         self.last_sample_index = index
