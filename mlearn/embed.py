@@ -3,7 +3,9 @@ reads: ``mlearn embed``.
 
 Outputs, for ``--output OUT.npy``: ``OUT.npy`` (float32 [N, D], L2-normalised rows), ``OUT.ids.txt``
 (one path per row, relative to the input folder / list folder, same order) and ``OUT.errors.txt``
-(``path<TAB>reason`` per unreadable input; empty when none). Unreadable images are skipped, not fatal.
+(``path<TAB>reason`` per unreadable input; empty when none). Unreadable inputs (for audio: also a wrong
+sample rate, several channels, shorter than one fbank frame) are skipped, not fatal, unless every
+input is: then the files are written and it is an error.
 Imports no training code: with an ``.onnx`` model only numpy, OpenCV, onnxruntime and tqdm are loaded.
 """
 from __future__ import annotations
@@ -110,8 +112,7 @@ def embed_images(model: Union[Embedder, PathLike], root: PathLike, ids: Sequence
     with ThreadPoolExecutor(workers) as pool:
         for batch in _prefetch(pool, decode, id_batches, depth=2):
             good = [(rel, image) for rel, image in batch if isinstance(image, np.ndarray)]
-            errors += [(rel, f"{type(exc).__name__}: {exc}") for rel, exc in batch
-                       if not isinstance(exc, np.ndarray)]
+            errors += [(rel, _reason(exc)) for rel, exc in batch if not isinstance(exc, np.ndarray)]
             if good:
                 chunks.append(embedder.embed(np.stack([image for _, image in good])).astype(np.float32))
                 ids_out += [rel for rel, _ in good]
@@ -120,6 +121,11 @@ def embed_images(model: Union[Embedder, PathLike], root: PathLike, ids: Sequence
     dim = embedder.embedding_size
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     return EmbedResult(embeddings=embeddings, ids=ids_out, errors=errors)
+
+
+def _reason(exc: BaseException) -> str:
+    """``kind: detail`` of a failed input (``read_image``'s ValueErrors are already worded that way)."""
+    return str(exc) if isinstance(exc, ValueError) and str(exc) else f"{type(exc).__name__}: {exc}"
 
 
 def embed_audio(model: Embedder, root: PathLike, ids: Sequence[str], batch_size: int = 64,
@@ -143,11 +149,19 @@ def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_si
     """:func:`list_inputs` + :func:`embed_images`, written as ``OUT.npy``, ``OUT.ids.txt`` and
     ``OUT.errors.txt``.
 
-    Returns the result and the ``.npy`` path (``.npy`` is appended to ``output`` when missing).
+    Returns the result and the ``.npy`` path (``.npy`` is appended to ``output`` when missing). When
+    no input at all can be read the three files are still written and ``ValueError`` names the input,
+    the count and the reasons by kind (a total failure is not a result).
     """
-    embedder = load_model(model)  # fail on a bad model before listing thousands of files
+    # fail on a bad model before listing thousands of files; an Embedder passes through (CLI trust flags)
+    embedder = model if isinstance(model, Embedder) else load_model(model)
     root, ids = list_inputs(source, AUDIO_EXTENSIONS if embedder.modality == "audio" else IMAGE_EXTENSIONS)
     result = embed_images(embedder, root, ids, batch_size=batch_size, workers=workers, progress=progress)
+    bad = int((~np.isfinite(result.embeddings)).any(axis=1).sum())
+    if bad:  # nothing is written: NaN rows would look like embeddings to whoever reads OUT.npy
+        named = getattr(model, "path", None) if isinstance(model, Embedder) else model
+        raise ValueError(f"{named or 'the model'}: its embeddings of {bad} of the {len(result.ids)} inputs contain "
+                         "NaN or inf (NaN weights, e.g. from a diverged run?); nothing written")
     output = Path(output)
     if output.suffix != ".npy":
         output = output.with_name(output.name + ".npy")
@@ -156,6 +170,12 @@ def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_si
     stem = output.with_suffix("")
     Path(f"{stem}.ids.txt").write_text("".join(f"{rel}\n" for rel in result.ids))
     Path(f"{stem}.errors.txt").write_text("".join(f"{rel}\t{reason}\n" for rel, reason in result.errors))
+    if not result.ids:
+        from mlearn.evaluation.report import summarize_failures
+
+        kind = "audio files" if embedder.modality == "audio" else "images"
+        raise ValueError(f"none of the {len(ids)} {kind} of {source} could be embedded: "
+                         f"{summarize_failures(dict(result.errors))}; all listed in {stem}.errors.txt")
     return result, output
 
 

@@ -131,7 +131,8 @@ def test_corrupt_short_and_wrong_rate_audio_counted_not_fatal(tmp_path):
             strict[i]
         messages.append(str(info.value))
     text = " ".join(messages)
-    assert "garbage.wav: cannot read" in text and "too short" in text and "8000 Hz, expected 16000" in text
+    assert "garbage.wav: unreadable: cannot read" in text and "short.wav: too short" in text
+    assert "rate.wav: wrong sample rate: 8000 Hz, expected 16000 Hz" in text
 
 
 # --------------------------------------------------------------------------------- augmentation
@@ -370,3 +371,55 @@ def test_m4a_only_folder_asks_for_conversion(tmp_path):
     (tmp_path / "id00001" / "v" / "00001.m4a").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="1 .m4a files.*convert"):
         scan_speaker_folder(tmp_path)
+
+
+def test_datamodule_names_a_sample_rate_that_rejects_every_utterance(tmp_path, caplog):
+    root = tmp_path / "vox8k"
+    for spk in "ab":
+        for u in range(2):
+            write_wav(root / spk / "v" / f"{u}.wav", tone(200, 0.5, fs=8000), fs=8000)
+    with pytest.raises(ValueError) as info:
+        SpeakerDataModule(str(root), num_workers=0).num_classes
+    message = str(info.value)
+    assert message == (f"{root}: none of the 4 utterances probed (of 4) can be used: 4 wrong sample rate "
+                       f"(e.g. {root}/a/v/0.wav: wrong sample rate: 8000 Hz, expected 16000 Hz)")
+    # at the data's own rate it opens
+    assert SpeakerDataModule(str(root), num_workers=0, sample_rate=8000).num_classes == 2
+
+
+def test_datamodule_logs_unusable_utterances_by_kind(tmp_path, caplog):
+    root = tmp_path / "mixed"
+    for spk in "ab":
+        for u in range(3):
+            write_wav(root / spk / "v" / f"{u}.wav", tone(200 + 100 * u, 0.5))
+    write_wav(root / "b" / "v" / "r8k.wav", tone(200, 0.5, fs=8000), fs=8000)
+    write_wav(root / "b" / "v" / "r8k_2.wav", tone(200, 0.5, fs=8000), fs=8000)
+    write_wav(root / "b" / "v" / "tiny.wav", tone(200, 0.01))
+    with caplog.at_level("WARNING", logger="mlearn.data.speaker_datamodule"):
+        module = SpeakerDataModule(str(root), num_workers=0)
+        assert module.num_classes == 2
+    assert (f"{root}: 3 of the 9 utterances probed (of 9) are unusable and will be skipped as corrupt: "
+            f"2 wrong sample rate (e.g. {root}/b/v/r8k.wav: wrong sample rate: 8000 Hz, expected 16000 Hz); "
+            f"1 too short (e.g. {root}/b/v/tiny.wav: too short: 160 samples < 1600 (min_seconds=0.1))"
+            ) in caplog.text
+    dataset = module.dataset
+    with caplog.at_level("WARNING", logger="mlearn.data.audio"):
+        skipped = [dataset[i] is None for i in range(len(dataset))]
+    assert sum(skipped) == 3 and caplog.text.count("skipping wrong sample rate utterances") == 1  # once per kind
+    assert caplog.text.count("skipping too short utterances") == 1
+    with pytest.raises(ValueError, match=r"strict: 3 of the 9 utterances probed are unusable: 2 wrong sample rate"):
+        SpeakerDataModule(str(root), num_workers=0, strict=True).num_classes
+
+
+def test_probe_spreads_over_the_set(tmp_path):
+    root = tmp_path / "many"
+    for spk in range(10):
+        for u in range(10):
+            write_wav(root / f"s{spk}" / "v" / f"{u}.wav", tone(200, 0.2))
+    dataset = open_audio_dataset(root)
+    probed, failures = dataset.probe(limit=7)
+    assert probed == 7 and failures == {}
+    for u in range(10):  # one speaker at another rate: the evenly spaced probe sees it
+        write_wav(root / "s9" / "v" / f"{u}.wav", tone(200, 0.2, fs=8000), fs=8000)
+    probed, failures = dataset.probe(limit=7)
+    assert probed == 7 and list(failures) == [dataset.path(99)]

@@ -154,3 +154,34 @@ def test_embed_bad_arguments(models, tmp_path, capsys):
     assert cli.main(["embed", "--model", str(models["onnx"]), "--input", str(tmp_path / "empty"),
                      "--output", str(tmp_path / "e.npy")]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_audio_embed_lists_empty_and_sub_frame_wavs_as_unreadable(tmp_path):
+    """A wav of 0 or 100 samples (no full fbank frame) used to crash the whole speaker embed."""
+    import soundfile as sf
+
+    run = make_run(tmp_path / "spk", ECAPA_TDNN, {"channels": 32, "mfa_channels": 48, "embedding_size": 16})
+    wavs = tmp_path / "wavs"
+    (wavs / "id1").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, n in {"empty": 0, "short": 100, "one_frame": 400, "good": 8000}.items():
+        sf.write(wavs / "id1" / f"{name}.wav", rng.uniform(-0.3, 0.3, n).astype(np.float32), 16000)
+    result, out = embed_to_files(run, wavs, tmp_path / "e.npy", progress=False)
+    assert result.ids == ["id1/good.wav", "id1/one_frame.wav"] and np.load(out).shape == (2, 16)
+    assert dict(result.errors) == {
+        "id1/empty.wav": "too short: 0 samples (0 ms), no full 25 ms fbank frame",
+        "id1/short.wav": "too short: 100 samples (6.25 ms), no full 25 ms fbank frame"}
+    assert (tmp_path / "e.errors.txt").read_text().splitlines() == [f"{rel}\t{why}" for rel, why in result.errors]
+
+
+def test_embed_where_no_input_is_readable_is_an_error(models, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(ValueError) as info:
+        embed_to_files(models["onnx"], folder, tmp_path / "e.npy", progress=False)
+    assert str(info.value) == (f"none of the 3 images of {folder} could be embedded: 3 cannot decode image "
+                               f"(e.g. 0.jpg: cannot decode image); all listed in {tmp_path / 'e'}.errors.txt")
+    assert len((tmp_path / "e.errors.txt").read_text().splitlines()) == 3  # still written, for the user to read
+    assert np.load(tmp_path / "e.npy").shape == (0, 32)

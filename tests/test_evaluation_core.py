@@ -1,4 +1,6 @@
 """Verification metrics against independent computations."""
+import re
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
@@ -103,3 +105,125 @@ def test_every_suite_file_parses_with_known_protocol_types():
         assert config["protocols"], path
         for protocol in config["protocols"]:
             assert protocol["type"] in PROTOCOL_TYPES, (path, protocol)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("fn", [roc_metrics, eer_nist, min_dcf])
+@pytest.mark.parametrize("labels, missing", [([1, 1, 1, 1], "no non-target pairs among the 4 labels"),
+                                             ([0, 0, 0, 0], "no target (same-identity) pairs")])
+def test_metric_functions_name_the_missing_class(fn, labels, missing):
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: {re.escape(missing)}"):
+        fn(np.array([0.1, 0.4, 0.35, 0.8]), np.array(labels))
+
+
+def test_metric_functions_refuse_non_finite_scores_and_odd_labels():
+    with pytest.raises(ValueError, match=r"roc_metrics: 1 of 4 scores are NaN or inf \(first at index 2\)"):
+        roc_metrics(np.array([0.1, 0.4, np.nan, 0.8]), np.array([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="labels must be 0/1"):
+        eer_nist(np.array([0.1, 0.4, 0.3]), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"scores \(3,\) and labels \(2,\) differ"):
+        min_dcf(np.array([0.1, 0.4, 0.3]), np.array([0, 1]))
+
+
+def test_every_suite_file_passes_the_loader_checks():
+    from pathlib import Path
+
+    from mlearn.evaluation.suite import load_suite
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "evaluation").glob("*.yaml")):
+        assert load_suite(path)["protocols"], path
+
+
+BAD_SUITES = [  # (suite text, what the error line must name)
+    ("name: x\nprotocols: [{type: bin, path: a.bin}\n", "invalid YAML at line 3"),
+    ("- {type: bin, path: a.bin}\n", "expected a mapping with keys ['name', 'protocols'], got list"),
+    ("nmae: x\nprotocols: [{type: bin, path: a.bin}]\n", "unknown key(s) ['nmae']"),
+    ("protocols: {type: bin, path: a.bin}\n", "expected a non-empty 'protocols' list"),
+    ("protocols: [bin]\n", "protocols[0]: expected a mapping"),
+    ("protocols: [{type: bn, path: a.bin}]\n", "protocols[0]: type='bn'"),
+    ("protocols: [{type: bin, name: lfw}]\n", "protocols[0] (lfw): missing required key 'path'"),
+    ("protocols: [{type: trials, trials: t.txt}]\n", "missing required key 'wav_root'"),
+    ("protocols: [{type: bin, path: a.bin, colour: red}]\n", "unknown key(s) ['colour'] for type bin"),
+    ("protocols: [{type: bin, path: 3}]\n", "path=3; expected a path"),
+    ("protocols: [{type: bin, path: a.bin, flip: maybe}]\n", "flip='maybe'; expected true or false"),
+    ("protocols: [{type: bin, path: a.bin, baselines: raw_pixels}]\n", "baselines='raw_pixels'; expected a list"),
+    ("protocols: [{type: retrieval, query: q, ks: 5}]\n", "ks=5; expected a non-empty list of positive integers"),
+    ("protocols: [{type: retrieval, query: q, ks: [1, 0]}]\n", "ks=[1, 0]"),
+    ("protocols: [{type: trials, trials: t, wav_root: w, max_trials: -3}]\n", "max_trials=-3; expected a positive"),
+    ("protocols: [{type: ijb, name: IJBC, workers: true}]\n", "workers=True; expected a non-negative integer"),
+]
+
+
+@pytest.mark.parametrize("text, expected", BAD_SUITES)
+def test_malformed_suite_names_the_file_and_key(tmp_path, text, expected):
+    from mlearn.evaluation.suite import load_suite, run_suite
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(text)
+    with pytest.raises(ValueError) as info:
+        run_suite(object(), suite, data_root=tmp_path, out_dir=tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(f"{suite}: ") and expected in message and "\n" not in message
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_suite(suite)
+
+
+class _ColourModel:
+    modality = "image"
+
+    def __init__(self, nan_row=None):
+        self.nan_row = nan_row
+
+    def embed(self, batch, normalize=False):
+        emb = np.asarray(batch, np.float32).reshape(len(batch), -1)[:, :8].copy()
+        if self.nan_row is not None and self.nan_row < len(emb):
+            emb[self.nan_row, 3] = np.nan
+        return emb
+
+
+def _write_bin(path, issame):
+    from mlearn.data.bins import write_bin
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2 * len(issame))]
+    write_bin(path, images, issame)
+
+
+@pytest.mark.parametrize("issame, missing", [([True] * 6, "different-identity"), ([False] * 6, "same-identity")])
+def test_bin_without_both_pair_kinds_names_the_file(tmp_path, issame, missing):
+    from mlearn.evaluation.face_bins import check_both_kinds
+    from mlearn.evaluation.suite import run_suite
+
+    _write_bin(tmp_path / "one_sided.bin", issame)
+    with pytest.raises(ValueError) as info:
+        run_suite(_ColourModel(), {"protocols": [{"type": "bin", "path": "one_sided.bin"}]}, tmp_path,
+                  tmp_path / "out")
+    assert str(tmp_path / "one_sided.bin") in str(info.value) and missing in str(info.value)
+    with pytest.raises(ValueError, match=rf"lfw.bin: no \w+ \({missing}\) pairs among its 6 pairs"):
+        check_both_kinds(np.array(issame), "lfw.bin")
+    check_both_kinds(np.array([True, False]), "lfw.bin")
+
+
+def test_nan_embeddings_stop_the_suite_naming_the_benchmark(tmp_path):
+    from mlearn.evaluation.suite import NonFiniteEmbeddings, run_suite
+
+    _write_bin(tmp_path / "pairs.bin", [True, False] * 5)
+    suite = {"protocols": [{"type": "bin", "name": "lfw", "path": "pairs.bin", "flip": False}]}
+    with pytest.raises(NonFiniteEmbeddings, match=r"benchmark 'lfw': the model's embeddings contain NaN or inf "
+                                                  r"\(1 of the 4 embeddings of a batch\)"):
+        run_suite(_ColourModel(nan_row=1), suite, tmp_path, tmp_path / "out", batch_size=4)
+    assert not (tmp_path / "out" / "results.json").exists()
+    results = run_suite(_ColourModel(), suite, tmp_path, tmp_path / "out", batch_size=4)  # finite: scored
+    assert results["results"][0]["pairs"] == 10
+
+
+@pytest.mark.parametrize("batch_size", [0, -5, True])
+def test_run_suite_refuses_a_bad_batch_size(tmp_path, batch_size):
+    from mlearn.evaluation.suite import run_suite
+
+    with pytest.raises(ValueError, match=rf"batch_size={batch_size!r}: expected a positive integer"):
+        run_suite(_ColourModel(), {"protocols": [{"type": "bin", "path": "x.bin"}]}, tmp_path, tmp_path / "out",
+                  batch_size=batch_size)

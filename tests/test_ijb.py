@@ -1,6 +1,7 @@
 """IJB-B/C evaluation: readers, alignment, template pooling, 1:1 and 1:N against independent computations."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Dict
@@ -464,3 +465,28 @@ def test_suite_yamls_name_known_options():
         config = yaml.safe_load((Path(__file__).parents[1] / "evaluation" / f"{name}.yaml").read_text())
         for protocol in config["protocols"]:
             assert set(protocol) <= set(ijb.PROTOCOL_KEYS) and protocol["name"].upper() in ijb.SUBSETS
+
+
+@pytest.mark.parametrize("label, kind", [(1, "genuine (label 1)"), (0, "impostor (label 0)")])
+def test_one_sided_pair_file_names_the_file(ijbc, tmp_path, label, kind):
+    root, _ = ijbc
+    bad = tmp_path / "IJBC"
+    shutil.copytree(root / "meta", bad / "meta")
+    pairs = bad / "meta" / "ijbc_template_pair_label.txt"
+    lines = pairs.read_text().splitlines()
+    pairs.write_text("".join(" ".join(line.split()[:2]) + f" {label}\n" for line in lines))
+    with pytest.raises(ValueError, match=rf"ijbc_template_pair_label.txt: all {len(lines)} pairs are "
+                                         rf"{re.escape(kind)}; 1:1 verification needs both"):
+        load_ijb_meta(bad, "IJBC")
+
+
+@pytest.mark.parametrize("meta_file, columns", [("ijbc_face_tid_mid.txt", 3), ("ijbc_name_5pts_score.txt", 12),
+                                                ("ijbc_template_pair_label.txt", 3)])
+def test_meta_file_with_a_missing_column_names_the_file_and_line(ijbc, tmp_path, meta_file, columns):
+    root, _ = ijbc
+    bad = tmp_path / "IJBC"
+    shutil.copytree(root / "meta", bad / "meta")
+    path = bad / "meta" / meta_file
+    path.write_text("".join(" ".join(line.split()[:-1]) + "\n" for line in path.read_text().splitlines()))
+    with pytest.raises(ValueError, match=rf"{meta_file}:1: expected {columns} whitespace-separated fields"):
+        load_ijb_meta(bad, "IJBC")

@@ -334,3 +334,12 @@ def test_run_protocol_errors(tmp_path):
         run_protocol(MeanColourModel(), {"type": "retrieval", "query": "x", "metric": "l2"}, tmp_path, 4)
     with pytest.raises(FileNotFoundError, match="missing_set not found"):
         run_protocol(MeanColourModel(), {"type": "retrieval", "name": "a", "query": "missing_set"}, tmp_path, 4)
+
+
+def test_run_protocol_refuses_a_single_identity(tmp_path):
+    rng = np.random.default_rng(3)
+    (tmp_path / "one" / "amber").mkdir(parents=True)
+    for i in range(12):  # every neighbour would be a match: 100% whatever the model
+        cv2.imwrite(str(tmp_path / "one" / "amber" / f"{i}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"solo: .*one holds a single identity \('amber'\); retrieval needs"):
+        run_protocol(MeanColourModel(), {"type": "retrieval", "name": "solo", "query": "one"}, tmp_path, 4)

@@ -274,7 +274,13 @@ def test_run_protocol_end_to_end(tmp_path):
     model_row, norm_row, base_row = rows
     assert model_row["trials"] == n_trials and model_row["skipped_trials"] == 2 and model_row["unreadable_wavs"] == 1
     assert model_row["targets"] == 9 and model_row["nontargets"] == 27
-    assert list(model_row["_table"]) == ["benchmark", "method", "trials", "EER% (NIST)", "minDCF0.01", "minDCF0.05"]
+    assert list(model_row["_table"]) == ["benchmark", "method", "trials", "skipped", "EER% (NIST)", "minDCF0.01",
+                                         "minDCF0.05"]
+    # the trials of the unreadable wav are reported loudly: a column, a legend line naming the file, results.json
+    bad = str(tmp_path / "wav" / "id10000" / "vid9" / "00009.wav")
+    assert model_row["_table"]["skipped"] == "2" and list(model_row["unreadable"]) == [bad]
+    assert model_row["unreadable"][bad].startswith("unreadable: ")
+    assert "2 trials NOT scored" in model_row["_legend"] and bad in model_row["_legend"]
     assert model_row["p_target"] == [0.01, 0.05] and "NIST" in model_row["eer_variant"]
     assert norm_row["as_norm_top_n"] == 2 and norm_row["cohort_speakers"] == 3
     assert "AS-norm" in norm_row["normalisation"]
@@ -386,3 +392,75 @@ def test_suite_run_embeds_shared_utterances_once_and_keeps_nothing_after(tmp_pat
     assert sum(embedded) == readable  # embedded anew, once
     again = {(r["benchmark"], r["method"]): r for r in second["results"]}
     assert again["E", "model+as-norm"]["eer"] != rows["E", "model+as-norm"]["eer"]
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("samples", [0, 100, 399])
+def test_wavs_shorter_than_one_frame_are_skipped_and_reported(tmp_path, samples):
+    """An empty or sub-frame wav (it used to reach the model with 0 frames and crash the whole run) is
+    one unusable wav: its trials are left out and reported, the others scored as without it."""
+    _write_corpus(tmp_path)
+    short = tmp_path / "wav" / "id10000" / "vid9" / "00009.wav"
+    sf.write(short, np.zeros(samples, np.float32), SR, subtype="PCM_16")
+    protocol = {"trials": "trials.txt", "wav_root": "wav"}
+    model = FakeAudioModel()
+    row = run_protocol(model, protocol, tmp_path, 4)[0]
+    assert row["skipped_trials"] == 2 and row["unreadable_wavs"] == 1 and row["trials"] == 36
+    assert row["unreadable"] == {str(short): f"too short: {samples} samples ({samples / 16:g} ms), no full 25 ms "
+                                             "fbank frame"}
+    assert "2 trials NOT scored" in row["_legend"] and "1 too short (e.g." in row["_legend"]
+    assert all(shape[1] > 0 for shape in model.batches)
+    short.unlink()  # the same scores as when the wav is simply absent
+    again = run_protocol(FakeAudioModel(), protocol, tmp_path, 4)[0]
+    np.testing.assert_allclose(row["_scores"], again["_scores"])
+    assert again["unreadable"][str(short)] == "unreadable: file not found"
+
+
+def test_no_usable_trial_wav_names_the_rate_and_a_file(tmp_path):
+    _write_corpus(tmp_path)
+    for path in (tmp_path / "wav").rglob("*.wav"):
+        sf.write(path, np.zeros(8000, np.float32), 8000)
+    with pytest.raises(ValueError) as info:
+        run_protocol(FakeAudioModel(), {"name": "vox", "trials": "trials.txt", "wav_root": "wav"}, tmp_path, 4)
+    message = str(info.value)
+    assert message.startswith(f"vox: none of the 10 trial wavs under {tmp_path / 'wav'} can be used: "
+                              "10 wrong sample rate (e.g. ")
+    assert "00000.wav: wrong sample rate: 8000 Hz, expected 16000 Hz)" in message and "\n" not in message
+
+
+def test_one_sided_scorable_trials_name_the_skipped_wavs(tmp_path):
+    _write_corpus(tmp_path)
+    (tmp_path / "t.txt").write_text("1 id10000/vid0/00000.wav id10000/vid9/00009.wav\n"
+                                    "0 id10000/vid0/00000.wav id10001/vid0/00000.wav\n")
+    with pytest.raises(ValueError, match=r"trials of .*t.txt are all non-targets \(1 trials left out for 1 "
+                                         r"unusable wav\(s\): 1 unreadable \(e.g. .*00009.wav: unreadable"):
+        run_protocol(FakeAudioModel(), {"trials": "t.txt", "wav_root": "wav"}, tmp_path, 4)
+    with pytest.raises(ValueError, match="wav_root .*t.txt is not a folder"):
+        run_protocol(FakeAudioModel(), {"trials": "t.txt", "wav_root": "t.txt"}, tmp_path, 4)
+
+
+def test_failure_summary_counts_by_kind():
+    from mlearn.evaluation.report import failure_kinds, summarize_failures
+
+    failures = {"a.wav": "too short: 3 samples", "b.wav": "wrong sample rate: 8000 Hz, expected 16000 Hz",
+                "c.wav": "wrong sample rate: 44100 Hz, expected 16000 Hz"}
+    assert failure_kinds(failures) == {"wrong sample rate": (2, "b.wav: wrong sample rate: 8000 Hz, expected 16000 Hz"),
+                                       "too short": (1, "a.wav: too short: 3 samples")}
+    assert summarize_failures(failures) == ("2 wrong sample rate (e.g. b.wav: wrong sample rate: 8000 Hz, expected "
+                                            "16000 Hz); 1 too short (e.g. a.wav: too short: 3 samples)")
+
+
+def test_non_finite_float_wav_is_unusable_not_a_nan_model(tmp_path):
+    from mlearn.evaluation.speaker import embed_wavs
+
+    good = tmp_path / "good.wav"
+    sf.write(good, _utterance(0, 0, 0.5), SR, subtype="FLOAT")
+    wave = _utterance(1, 0, 0.5)
+    wave[100] = np.nan
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, wave, SR, subtype="FLOAT")
+    vectors, ok, failures = embed_wavs(FakeAudioModel(), [good, nan], progress=False)
+    assert ok.tolist() == [True, False] and failures == {str(nan): "non-finite: NaN or inf samples"}
+    assert np.isfinite(vectors["model"]).all()

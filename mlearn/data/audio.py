@@ -11,8 +11,9 @@ Audio is 16 kHz mono read with soundfile as float32 in [-1, 1] (several channels
 WeSpeaker's ``wrap`` padding) and, with speed perturbation, WeSpeaker's label mapping: a copy at
 ``speeds[k]`` of speaker ``c`` is class ``c + k * num_speakers``. A file that is missing, unreadable,
 at another sample rate, too short or not finite gives ``None`` (``strict=False``; counted by
-:func:`mlearn.data.corrupt.collate_skip_corrupt` and reported by the training loop) or raises
-:class:`CorruptSampleError` (``strict=True``).
+:func:`mlearn.data.corrupt.collate_skip_corrupt` and reported by the training loop, the first of each
+kind logged with its reason) or raises :class:`UnusableAudio`, a :class:`CorruptSampleError`
+(``strict=True``). :meth:`SpeakerAudioDataset.probe` finds such files from their headers before training.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -45,36 +46,50 @@ Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 # ------------------------------------------------------------------------------------- reading audio
 
 
+class UnusableAudio(CorruptSampleError):
+    """An utterance that cannot be used; ``kind`` ("unreadable", "wrong sample rate", "too short",
+    "non-finite", "truncated") groups the reasons in reports. The message is ``path: kind: detail``."""
+
+    def __init__(self, path: PathLike, kind: str = "", detail: str = "") -> None:
+        # one argument: a message as it is (DataLoader workers re-raise exceptions that way)
+        super().__init__(f"{path}: {kind}: {detail}" if kind else str(path))
+        self.path = str(path)
+        self.kind = kind
+        self.detail = detail
+
+
 def read_audio(path: PathLike, sample_rate: int = SAMPLE_RATE, start: int = 0,
                frames: int = -1) -> np.ndarray:
     """Read ``frames`` samples from ``start`` (``-1``: to the end). Returns float32 [N] mono in [-1, 1].
 
-    Raises :class:`CorruptSampleError` naming the file when it cannot be read, has another sample
-    rate, or holds non-finite samples.
+    Raises :class:`UnusableAudio` (a :class:`CorruptSampleError`) naming the file when it cannot be
+    read, has another sample rate, or holds non-finite samples.
     """
     try:
         with sf.SoundFile(str(path)) as f:
             if f.samplerate != sample_rate:
-                raise CorruptSampleError(f"{path}: sample rate {f.samplerate} Hz, expected {sample_rate} Hz")
+                raise UnusableAudio(path, "wrong sample rate", f"{f.samplerate} Hz, expected {sample_rate} Hz")
             if start:
                 f.seek(start)
             data = f.read(frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
-        raise CorruptSampleError(f"{path}: cannot read audio ({exc})") from None
+        if isinstance(exc, UnusableAudio):
+            raise
+        raise UnusableAudio(path, "unreadable", f"cannot read audio ({exc})") from None
     wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
     if not np.isfinite(wave).all():
-        raise CorruptSampleError(f"{path}: non-finite samples")
+        raise UnusableAudio(path, "non-finite", "NaN or inf samples")
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
 def audio_frames(path: PathLike, sample_rate: int = SAMPLE_RATE) -> int:
-    """Length of the file in samples (header only); :class:`CorruptSampleError` as :func:`read_audio`."""
+    """Length of the file in samples (header only); :class:`UnusableAudio` as :func:`read_audio`."""
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
-        raise CorruptSampleError(f"{path}: cannot read audio ({exc})") from None
+        raise UnusableAudio(path, "unreadable", f"cannot read audio ({exc})") from None
     if info.samplerate != sample_rate:
-        raise CorruptSampleError(f"{path}: sample rate {info.samplerate} Hz, expected {sample_rate} Hz")
+        raise UnusableAudio(path, "wrong sample rate", f"{info.samplerate} Hz, expected {sample_rate} Hz")
     return int(info.frames)
 
 
@@ -238,6 +253,7 @@ class SpeakerAudioDataset(Dataset):
         self.augment = augment
         self.min_samples = int(round(min_seconds * sample_rate))
         self.strict = strict
+        self._warned: Set[str] = set()
         self._rng_key: Optional[Tuple[int, int]] = None
         self._generator: Optional[np.random.Generator] = None
         self.random_generator: Optional[np.random.Generator] = None  # of set_random_state
@@ -315,8 +331,8 @@ class SpeakerAudioDataset(Dataset):
         path = self.path(index)
         total = audio_frames(path, self.sample_rate)
         if total < max(self.min_samples, 1):
-            raise CorruptSampleError(f"{path}: too short ({total} samples < {self.min_samples}, "
-                                     f"min_seconds={self.min_samples / self.sample_rate:g})")
+            raise UnusableAudio(path, "too short", f"{total} samples < {self.min_samples} "
+                                                   f"(min_seconds={self.min_samples / self.sample_rate:g})")
         if self.num_samples is None:
             wave = read_audio(path, self.sample_rate)
             return speed_perturb(wave, speed) if speed != 1.0 else wave
@@ -325,10 +341,27 @@ class SpeakerAudioDataset(Dataset):
         start = int(rng.integers(0, total - need + 1)) if rng is not None else (total - need) // 2
         wave = read_audio(path, self.sample_rate, start=start, frames=need)
         if len(wave) < need:
-            raise CorruptSampleError(f"{path}: truncated ({len(wave)} of {need} samples from {start} readable)")
+            raise UnusableAudio(path, "truncated", f"{len(wave)} of {need} samples from {start} readable")
         if speed != 1.0:
             wave = speed_perturb(wave, speed)
         return crop_or_pad(wave, self.num_samples, rng)
+
+    def probe(self, limit: int = 64) -> Tuple[int, Dict[str, str]]:
+        """Read the headers of ``limit`` utterances spread evenly over the set (all when fewer): the
+        problems every load would meet (unreadable, wrong sample rate, too short), found before
+        training. Returns (utterances probed, ``{path: "kind: detail"}`` of the unusable ones)."""
+        picks = np.unique(np.linspace(0, len(self) - 1, min(limit, len(self))).round().astype(np.int64))
+        failures: Dict[str, str] = {}
+        for index in picks.tolist():
+            path = self.path(index)
+            try:
+                total = audio_frames(path, self.sample_rate)
+                if total < max(self.min_samples, 1):
+                    raise UnusableAudio(path, "too short", f"{total} samples < {self.min_samples} "
+                                                           f"(min_seconds={self.min_samples / self.sample_rate:g})")
+            except UnusableAudio as exc:
+                failures[path] = f"{exc.kind}: {exc.detail}"
+        return len(picks), failures
 
     def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, int]]:
         rng = self.rng()
@@ -338,7 +371,10 @@ class SpeakerAudioDataset(Dataset):
         except CorruptSampleError as exc:
             if self.strict:
                 raise
-            log.debug("skipping corrupt utterance %d: %s", index, exc)
+            kind = getattr(exc, "kind", "corrupt")
+            if kind not in self._warned:  # once per kind and process; the loop counts them all
+                self._warned.add(kind)
+                log.warning("skipping %s utterances (counted as corrupt), first: %s", kind, exc)
             return None
         if self.augment is not None:
             wave = self.augment(wave, rng)

@@ -15,7 +15,7 @@ from mlearn.data.folders import save_run_label_map
 from mlearn.data.resumable import ResumableDataModule
 
 log = logging.getLogger(__name__)
-
+PROBE_UTTERANCES = 64  # headers read before training (evenly spaced): a wrong rate shows at start-up
 
 
 class SpeakerDataModule(ResumableDataModule):
@@ -37,7 +37,9 @@ class SpeakerDataModule(ResumableDataModule):
         batch_size: per-process batch size.
         num_workers: DataLoader worker processes.
         crop_seconds: training crop length (s); shorter utterances are repeat-padded.
-        sample_rate: audio sample rate (Hz); files at another rate count as corrupt.
+        sample_rate: audio sample rate (Hz); files at another rate count as corrupt. Before training,
+            the headers of up to 64 utterances (evenly spaced) are probed: unusable ones are logged by
+            kind with an example; when all of them are unusable (e.g. 8 kHz data) it is an error.
         speeds: speed-perturbation factors, first 1.0 (WeSpeaker: ``[1.0, 0.9, 1.1]``); each factor
             is a separate set of classes, so ``num_classes = speakers * len(speeds)``.
         aug_prob: probability of augmenting a crop with reverberation or noise (one of them).
@@ -47,7 +49,8 @@ class SpeakerDataModule(ResumableDataModule):
         min_seconds: shorter utterances count as corrupt.
         num_mel_bins, frame_length_ms, frame_shift_ms, dither: fbank options (``dither`` in int16
             units, applied in training only).
-        strict: raise on a corrupt utterance instead of skipping and counting it.
+        strict: raise on a corrupt utterance instead of skipping and counting it (and on any
+            unusable utterance the start-up probe finds).
         synthetic: keyword arguments of :func:`mlearn.data.synthetic_speech.make_speaker_dataset`.
         seed: seed of the sample order and of the crops and augmentations.
     """
@@ -111,6 +114,7 @@ class SpeakerDataModule(ResumableDataModule):
                 self.train_path, num_speakers=self.expected_num_speakers, crop_seconds=self.crop_seconds,
                 sample_rate=self.sample_rate, speeds=self.speeds, augment=augment,
                 min_seconds=self.min_seconds, strict=self.strict)
+            check_audio(self._dataset, self.train_path, self.strict)
         return self._dataset
 
     @property
@@ -139,3 +143,27 @@ class SpeakerDataModule(ResumableDataModule):
         if waveforms.ndim != 2:  # an all-corrupt batch (empty [0]): the module skips it
             return batch
         return self.features(waveforms), labels, num_corrupt
+
+
+def check_audio(dataset: SpeakerAudioDataset, root: Path, strict: bool = False,
+                limit: int = PROBE_UTTERANCES) -> None:
+    """Probe ``limit`` utterance headers before training (:meth:`SpeakerAudioDataset.probe`).
+
+    Unusable ones are logged, counted by kind with the first example (the loader skips them as
+    corrupt); ``ValueError`` (one line: counts by kind, an example file, its rate and the expected one)
+    when every probed utterance is unusable, or with ``strict`` when any is.
+    """
+    from mlearn.evaluation.report import summarize_failures
+
+    probed, failures = dataset.probe(limit)
+    if not failures:
+        return
+    summary = summarize_failures(failures)
+    if len(failures) == probed:
+        raise ValueError(f"{root}: none of the {probed} utterances probed (of {len(dataset)}) can be used: "
+                         f"{summary}")
+    if strict:
+        raise ValueError(f"{root}: strict: {len(failures)} of the {probed} utterances probed are unusable: "
+                         f"{summary}")
+    log.warning("%s: %d of the %d utterances probed (of %d) are unusable and will be skipped as corrupt: %s",
+                root, len(failures), probed, len(dataset), summary)

@@ -17,6 +17,7 @@ from mlearn.evaluation.verification import kfold_verification
 
 BASELINES = ("raw_pixels",)
 PROTOCOL_KEYS = ("type", "name", "path", "flip", "baselines")
+REQUIRED_KEYS = ("path",)
 
 
 def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: int) -> List[Dict[str, Any]]:
@@ -33,6 +34,7 @@ def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: i
         raise FileNotFoundError(f"{name}: {path} not found (see datasets/face_bins.md for where to get it)")
     flip = bool(protocol.get("flip", True))
     images, issame = read_bin(path)
+    check_both_kinds(issame, f"{name}: {path}")
     embed = lambda batch: model.embed(batch, normalize=False)  # noqa: E731
     rows = [verification_row(name, "model", bin_embeddings(embed, images, batch_size, flip), issame, flip)]
     for baseline in protocol.get("baselines", []):
@@ -41,6 +43,15 @@ def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: i
         pixels = (images.reshape(len(images), -1).astype(np.float32) - 127.5) / 127.5
         rows.append(verification_row(name, "raw_pixels", pixels, issame, False))
     return rows
+
+
+def check_both_kinds(issame: np.ndarray, where: str) -> None:
+    """``ValueError`` naming ``where`` when the pair labels [P] lack same- or different-identity pairs."""
+    same = int(np.count_nonzero(issame))
+    if same == 0 or same == len(issame):
+        missing = "positive (same-identity)" if same == 0 else "negative (different-identity)"
+        raise ValueError(f"{where}: no {missing} pairs among its {len(issame)} pairs; a verification set "
+                         "needs both")
 
 
 def bin_embeddings(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 128,

@@ -26,6 +26,7 @@ PathLike = Union[str, Path]
 FPIRS = (0.01, 0.1)
 RANKS = (1, 5, 10)
 PROTOCOL_KEYS = ("type", "name", "path", "flip", "detector_score", "one_to_n", "workers")
+REQUIRED_KEYS = ("name",)
 
 # benchmark name -> file prefix, dataset card, 1:N gallery names (meta/<prefix>_1N_gallery_<name>.csv)
 SUBSETS: Dict[str, Dict[str, Any]] = {
@@ -257,6 +258,11 @@ def load_ijb_meta(root: PathLike, name: str, one_to_n: bool = False) -> IJBMeta:
         raise ValueError(f"line {i + 1}: {paths['tid_mid']} names {names[i]!r} but {paths['5pts']} names "
                          f"{names_5pts[i]!r}; the two files must list the same images in the same order")
     t1, t2, labels = read_template_pairs(paths["pairs"])
+    genuine = int(labels.sum())
+    if genuine in (0, len(labels)):
+        kind = "impostor (label 0)" if genuine == 0 else "genuine (label 1)"
+        raise ValueError(f"{paths['pairs']}: all {len(labels)} pairs are {kind}; 1:1 verification needs both "
+                         "genuine and impostor pairs")
     known = np.unique(templates)
     for column in (t1, t2):
         _check_known(known, column, paths["pairs"], first_line=1)

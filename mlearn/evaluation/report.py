@@ -1,4 +1,5 @@
-"""Reports of an evaluation run: one printed table, ``results.json``, ROC and DET plots (PNG)."""
+"""Reports of an evaluation run: one printed table, ``results.json``, ROC and DET plots (PNG), and
+one-line summaries of skipped inputs (``{path: "kind: detail"}``, counted by kind)."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,23 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
         legends = dict.fromkeys(r["_legend"] for r in block if r.get("_legend"))
         out += list(legends) + [""]
     return "\n".join(out).rstrip()
+
+
+def failure_kinds(failures: Dict[str, str]) -> Dict[str, Tuple[int, str]]:
+    """``{kind: (count, first "path: reason")}`` of ``{path: "kind: detail"}``, most frequent first."""
+    kinds: Dict[str, Tuple[int, str]] = {}
+    for path, reason in failures.items():
+        kind = reason.split(":", 1)[0]
+        count, example = kinds.get(kind, (0, f"{path}: {reason}"))
+        kinds[kind] = (count + 1, example)
+    return dict(sorted(kinds.items(), key=lambda item: -item[1][0]))
+
+
+def summarize_failures(failures: Dict[str, str]) -> str:
+    """One line: counts by kind and the first example, e.g. ``3 wrong sample rate (e.g. a.wav: wrong
+    sample rate: 8000 Hz, expected 16000 Hz)``."""
+    kinds = failure_kinds(failures)
+    return "; ".join(f"{count} {kind} (e.g. {example})" for kind, (count, example) in kinds.items())
 
 
 def public_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -520,6 +520,7 @@ def _truncated_sums(match: np.ndarray, relevant: np.ndarray) -> np.ndarray:
 
 PROTOCOL_KEYS = ("type", "name", "query", "gallery", "ks", "index", "flip", "nlist", "nprobe", "hnsw_m",
                  "ef_search", "workers")
+REQUIRED_KEYS = ("query",)
 SET_FORMATS = "an image folder <set>/<label>/<image> or a list file of 'path label' lines"
 
 
@@ -607,6 +608,10 @@ def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: i
         gallery, gallery_labels, gallery_bad = query, query_labels, 0
     else:
         gallery, gallery_labels, gallery_bad = embed_image_set(model, gallery_path, batch_size, flip, workers)
+    identities = np.unique(gallery_labels)
+    if len(identities) < 2:
+        raise ValueError(f"{name}: {gallery_path or query_path} holds a single identity ('{identities[0]}'); "
+                         "retrieval needs at least 2, else every neighbour is a match")
     try:
         metrics = retrieval_metrics(query, query_labels, gallery, gallery_labels, tuple(ks),
                                     exclude_self=gallery_path is None, index=index, **options)

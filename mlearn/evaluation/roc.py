@@ -14,8 +14,7 @@ def roc_metrics(scores: np.ndarray, labels: np.ndarray, fars: Sequence[float] = 
     (p_target 0.01). Higher score = more likely the same identity."""
     from sklearn.metrics import auc, roc_curve
 
-    scores = np.asarray(scores, np.float64)
-    labels = np.asarray(labels).astype(int)
+    scores, labels = _check_binary(scores, labels, "roc_metrics")
     fpr, tpr, _ = roc_curve(labels, scores)
     rev_fpr, rev_tpr = fpr[::-1], tpr[::-1]
     sweep = _Sweep(scores, labels)  # one sort shared by the strict TAR, the EER and minDCF
@@ -64,24 +63,33 @@ class _Sweep:
 
 def eer_nist(scores: np.ndarray, labels: np.ndarray) -> float:
     """EER by linear interpolation between the sweep points bracketing FNR = FPR (WeSpeaker)."""
-    return _Sweep(np.asarray(scores, np.float64), np.asarray(labels).astype(int)).eer_nist()
+    return _Sweep(*_check_binary(scores, labels, "eer_nist")).eer_nist()
 
 
 def min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.01, c_miss: float = 1.0,
             c_fa: float = 1.0) -> float:
     """min over the sweep of C_miss·P_miss·p + C_fa·P_fa·(1-p), normalised by min(C_miss·p, C_fa·(1-p))."""
-    return _Sweep(np.asarray(scores, np.float64), np.asarray(labels).astype(int)).min_dcf(p_target, c_miss, c_fa)
+    return _Sweep(*_check_binary(scores, labels, "min_dcf")).min_dcf(p_target, c_miss, c_fa)
 
 
 def _check_binary(scores: np.ndarray, labels: np.ndarray, what: str):
+    """float64 scores and int 0/1 labels, both [n]; ``ValueError`` naming ``what`` and what is missing
+    (a length mismatch, labels other than 0/1, no targets or no non-targets, a non-finite score)."""
     scores = np.asarray(scores, np.float64).ravel()
     labels = np.asarray(labels).astype(int).ravel()
     if scores.shape != labels.shape:
         raise ValueError(f"{what}: scores {scores.shape} and labels {labels.shape} differ in length")
-    n_target = int((labels == 1).sum())
-    if n_target == 0 or n_target == len(labels) or not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{what}: needs 0/1 labels with both targets and non-targets "
-                         f"(got {n_target} targets of {len(labels)})")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{what}: labels must be 0/1 (1 = target, same identity); got {np.unique(labels)[:5]}")
+    n_target = int(labels.sum())
+    for count, missing in ((n_target, "target (same-identity)"), (len(labels) - n_target, "non-target")):
+        if count == 0:
+            raise ValueError(f"{what}: no {missing} pairs among the {len(labels)} labels; ROC, EER and "
+                             "minDCF need both targets and non-targets")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise ValueError(f"{what}: {len(bad)} of {len(scores)} scores are NaN or inf (first at index {bad[0]}); "
+                         "the embeddings they come from are not finite")
     return scores, labels
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from mlearn.evaluation.report import failure_kinds, summarize_failures
 from mlearn.evaluation.roc import eer_nist, eer_sklearn, eer_speechbrain, min_dcf
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ PathLike = Union[str, Path]
 P_TARGETS = (0.01, 0.05)
 EER_VARIANT = "NIST linear interpolation (Kaldi/WeSpeaker compute_eer)"
 CARD = "datasets/voxceleb.md"
+MAX_LISTED = 1000  # unusable wavs listed by name in a result row (all are counted)
 
 
 # ------------------------------------------------------------------------------------- trial lists
@@ -268,24 +270,56 @@ def _cache_for(model: Any, spec_key: Tuple) -> _EmbeddingCache:
     return shared.setdefault(("speaker-embeddings", id(model), spec_key), _EmbeddingCache())
 
 
+class UnusableWav(ValueError):
+    """A wav that cannot be embedded; ``kind`` (e.g. "wrong sample rate") groups the reasons in reports."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
 def _read_wav(path: Path, sample_rate: int):
-    """16 kHz mono wav -> float32 [N] in int16 range (the fbank's scale), or raise ValueError/OSError."""
+    """16 kHz mono wav -> float32 [N] in int16 range (the fbank's scale), or raise :class:`UnusableWav`."""
     import soundfile as sf
 
     from mlearn.data.fbank import INPUT_SCALE
 
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # noqa: BLE001 - libsndfile, OS and format errors alike
+        raise UnusableWav("unreadable", _sound_error(exc, path)) from None
     if rate != sample_rate:
-        raise ValueError(f"sample rate {rate} Hz, expected {sample_rate}")
+        raise UnusableWav("wrong sample rate", f"{rate} Hz, expected {sample_rate} Hz")
     if data.shape[1] != 1:
-        raise ValueError(f"{data.shape[1]} channels, expected mono")
+        raise UnusableWav("not mono", f"{data.shape[1]} channels")
+    if not np.isfinite(data).all():  # a float wav may hold NaN; it would pass for a NaN-producing model
+        raise UnusableWav("non-finite", "NaN or inf samples")
     return data[:, 0] * INPUT_SCALE
 
 
-def _wav_frames(path: Path) -> int:
+def _wav_frames(path: Path, sample_rate: int) -> int:
+    """Samples in the file (header only); :class:`UnusableWav` when unreadable or at another rate."""
     import soundfile as sf
 
-    return int(sf.info(str(path)).frames)
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise UnusableWav("unreadable", _sound_error(exc, path)) from None
+    if info.samplerate != sample_rate:
+        raise UnusableWav("wrong sample rate", f"{info.samplerate} Hz, expected {sample_rate} Hz")
+    return int(info.frames)
+
+
+def _sound_error(exc: BaseException, path: Path) -> str:
+    """libsndfile's message without the path it repeats ("Error opening 'x.wav': ...")."""
+    text = str(exc).replace(f"'{path}'", "the file") or type(exc).__name__
+    return "file not found" if not path.exists() else text
+
+
+def _too_short(samples: int, fbank: Any) -> UnusableWav:
+    o = fbank.options
+    return UnusableWav("too short", f"{samples} samples ({samples * 1000 / o['sample_rate']:g} ms), no full "
+                                    f"{o['frame_length_ms']:g} ms fbank frame")
 
 
 def embed_wavs(model: Any, paths: Sequence[Path], baselines: Sequence[str] = (), batch_size: int = 64,
@@ -295,8 +329,9 @@ def embed_wavs(model: Any, paths: Sequence[Path], baselines: Sequence[str] = (),
     ``model.embed(features [N, T, F], normalize=False)``; utterances of equal frame count share a batch.
 
     Returns (``{"model": [U, D], <baseline>: [U, d]}`` float32 with zero rows where a wav failed,
-    ok mask [U] bool, ``{path: reason}`` for the failed wavs). Failures (unreadable, wrong rate, not
-    mono, shorter than one frame) are logged, not raised.
+    ok mask [U] bool, ``{path: "kind: detail"}`` for the failed wavs). Failures (unreadable, wrong
+    sample rate, not mono, shorter than one fbank frame) are logged, one line per kind with a count and
+    the first example, not raised.
     """
     import torch
     from tqdm import tqdm
@@ -317,11 +352,12 @@ def embed_wavs(model: Any, paths: Sequence[Path], baselines: Sequence[str] = (),
     lengths: Dict[int, int] = {}
     for i in todo:
         try:
-            lengths[i] = fbank.num_frames(_wav_frames(paths[i]))
-            if lengths[i] == 0:
-                raise ValueError("shorter than one fbank frame")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and reported
-            cache.failures[keys[i]] = f"{type(exc).__name__}: {exc}"
+            samples = _wav_frames(paths[i], rate)
+            if fbank.num_frames(samples) == 0:
+                raise _too_short(samples, fbank)
+            lengths[i] = fbank.num_frames(samples)
+        except UnusableWav as exc:
+            cache.failures[keys[i]] = str(exc)
     order = sorted(lengths, key=lambda i: (lengths[i], keys[i]))
 
     def flush(batch: List[int], feats: List[torch.Tensor]) -> None:
@@ -343,8 +379,10 @@ def embed_wavs(model: Any, paths: Sequence[Path], baselines: Sequence[str] = (),
     for i in tqdm(order, desc=desc, unit="utt", disable=not progress):
         try:
             wav = torch.from_numpy(_read_wav(paths[i], rate)).to(device)
-        except Exception as exc:  # noqa: BLE001
-            cache.failures[keys[i]] = f"{type(exc).__name__}: {exc}"
+            if fbank.num_frames(len(wav)) == 0:  # the header promised more than the file holds
+                raise _too_short(len(wav), fbank)
+        except UnusableWav as exc:
+            cache.failures[keys[i]] = str(exc)
             continue
         with torch.inference_mode():
             feat = fbank(wav)
@@ -357,10 +395,8 @@ def embed_wavs(model: Any, paths: Sequence[Path], baselines: Sequence[str] = (),
 
     ok = np.array([k not in cache.failures for k in keys], bool)
     failures = {k: cache.failures[k] for k in keys if k in cache.failures}
-    for key, reason in list(failures.items())[:5]:
-        log.warning("skipping unreadable wav %s (%s)", key, reason)
-    if len(failures) > 5:
-        log.warning("... %d unreadable wavs in all", len(failures))
+    for kind, (count, example) in failure_kinds(failures).items():
+        log.warning("%s: skipped %d of %d wavs as %s, e.g. %s", desc, count, len(keys), kind, example)
     out: Dict[str, np.ndarray] = {}
     for name in methods:
         vectors = [cache.vectors.get((name, k)) for k in keys]
@@ -427,6 +463,7 @@ def _limit_per_speaker(wavs: List[Path], speakers: List[str], limit: Optional[in
 
 PROTOCOL_KEYS = ("type", "name", "trials", "wav_root", "cohort", "as_norm_top_n", "subtract_mean", "baselines",
                  "cohort_utts_per_speaker", "max_trials")
+REQUIRED_KEYS = ("trials", "wav_root")
 
 
 def _resolve(root: Path, value: Any, name: str, what: str) -> Path:
@@ -450,7 +487,14 @@ def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: i
     means are the AS-norm cohort), ``as_norm_top_n`` (300), ``subtract_mean`` (default: true with a
     cohort), ``baselines`` (names in :data:`BASELINES`), ``cohort_utts_per_speaker`` (default all),
     ``max_trials`` (a seeded random subset, for quick checks). Rows: model, model+AS-norm (with a
-    cohort), one per baseline; unreadable wavs are skipped and their trials counted as skipped.
+    cohort), one per baseline.
+
+    Unusable trial wavs (unreadable, wrong sample rate, not mono, shorter than one fbank frame) do
+    not stop the run: their trials are left out of the scores and reported loudly instead, as the
+    retrieval protocol does with unreadable images: a warning per kind of failure, a ``skipped``
+    column and a legend line naming the count and the first file in the printed table, and
+    ``skipped_trials``, ``unreadable_wavs`` and ``unreadable`` ({path: reason}) in results.json. Only
+    when no wav at all can be used (or the scorable trials lack targets or non-targets) is it an error.
     """
     unknown = sorted(set(protocol) - set(PROTOCOL_KEYS))
     if unknown:
@@ -465,6 +509,9 @@ def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: i
     name = str(protocol.get("name") or Path(protocol["trials"]).stem)
     trials_path = _resolve(root, protocol["trials"], name, "trial list")
     wav_root = _resolve(root, protocol["wav_root"], name, "wav root")
+    if not wav_root.is_dir():
+        raise ValueError(f"{name}: wav_root {wav_root} is not a folder (expected the folder the trial keys "
+                         "are relative to)")
     baselines = list(protocol.get("baselines") or [])
     for baseline in baselines:
         if baseline not in BASELINES:
@@ -492,19 +539,23 @@ def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: i
     emb, ok, failures = embed_wavs(model, [_wav_path(wav_root, k) for k in keys], baselines, batch_size,
                                    desc=f"{name}: trial wavs")
     if not ok.any():
-        first = next(iter(failures.items()), ("", ""))
-        raise ValueError(f"{name}: none of the {len(keys)} trial wavs could be read (e.g. {first[0]}: {first[1]})")
+        raise ValueError(f"{name}: none of the {len(keys)} trial wavs under {wav_root} can be used: "
+                         f"{summarize_failures(failures)}")
     e_idx = np.array([index[k] for k in trials.enroll])
     t_idx = np.array([index[k] for k in trials.test])
     scored = ok[e_idx] & ok[t_idx]
     e_idx, t_idx, labels = e_idx[scored], t_idx[scored], trials.labels[scored].astype(int)
     if labels.min() == labels.max():
-        raise ValueError(f"{name}: the {len(labels)} scorable trials are all "
-                         f"{'targets' if labels[0] else 'non-targets'}; need both")
+        skipped = (f" ({int((~scored).sum())} trials left out for {len(failures)} unusable wav(s): "
+                   f"{summarize_failures(failures)})") if failures else ""
+        raise ValueError(f"{name}: the {len(labels)} scorable trials of {trials_path} are all "
+                         f"{'targets' if labels[0] else 'non-targets'}{skipped}; need both")
 
     common = {"benchmark": name, "trials": int(len(labels)), "targets": int(labels.sum()),
               "nontargets": int(len(labels) - labels.sum()), "skipped_trials": int((~scored).sum()),
-              "unreadable_wavs": int(len(failures)), "trial_list": str(protocol["trials"]),
+              "unreadable_wavs": int(len(failures)),
+              "unreadable": dict(list(failures.items())[:MAX_LISTED]),
+              "_unusable": summarize_failures(failures), "trial_list": str(protocol["trials"]),
               "trial_format": trials.format, "distance": "cosine", "eer_variant": EER_VARIANT,
               "p_target": list(P_TARGETS), "c_miss": 1.0, "c_fa": 1.0}
     if subset is not None:
@@ -518,7 +569,8 @@ def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: i
         wavs, speakers = _limit_per_speaker(wavs, speakers, protocol.get("cohort_utts_per_speaker"))
         c_emb, c_ok, c_fail = embed_wavs(model, wavs, baselines, batch_size, desc=f"{name}: cohort wavs")
         if not c_ok.any():
-            raise ValueError(f"{name}: none of the {len(wavs)} cohort wavs under {cohort_path} could be read")
+            raise ValueError(f"{name}: none of the {len(wavs)} cohort wavs under {cohort_path} can be used: "
+                             f"{summarize_failures(c_fail)}")
         c_speakers = [s for s, good in zip(speakers, c_ok) if good]
         for method in means:
             vectors = c_emb[method][c_ok]
@@ -557,7 +609,12 @@ def _row(common: Dict[str, Any], method: str, scores: np.ndarray, labels: np.nda
          extra: Dict[str, Any]) -> Dict[str, Any]:
     metrics = verification_metrics(scores, labels)
     table = {"benchmark": common["benchmark"], "method": method, "trials": str(common["trials"]),
-             "EER% (NIST)": f"{metrics['eer'] * 100:.3f}",
+             "skipped": str(common["skipped_trials"]), "EER% (NIST)": f"{metrics['eer'] * 100:.3f}",
              "minDCF0.01": f"{metrics['min_dcf']['0.01']:.4f}", "minDCF0.05": f"{metrics['min_dcf']['0.05']:.4f}"}
-    return {**common, "method": method, **extra, **metrics, "_table": table,
+    legend = None
+    if common["skipped_trials"]:
+        legend = (f"{common['benchmark']}: {common['skipped_trials']} trials NOT scored, their "
+                  f"{common['unreadable_wavs']} unusable wav(s): {common['_unusable']} "
+                  "(all in results.json 'unreadable')")
+    return {**common, "method": method, **extra, **metrics, "_table": table, "_legend": legend,
             "_scores": np.asarray(scores, np.float64), "_labels": np.asarray(labels, np.int64)}
