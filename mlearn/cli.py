@@ -1,7 +1,12 @@
 """The ``mlearn`` command: ``train``, ``eval``, ``export``, ``embed``, ``data``.
 
-Bad input (missing file, unknown key or name) ends with one ``mlearn <cmd>: error: ...`` line and a
-non-zero exit status; set ``MLEARN_DEBUG=1`` to see the full traceback instead.
+Every failure ends with one ``mlearn <cmd>: error: ...`` line on stderr, never a traceback (set
+``MLEARN_DEBUG=1`` to see the traceback instead). Expected errors (bad input: :class:`UsageError`,
+``ValueError``, ``KeyError``, ``TypeError``, ``OSError`` with the file it names, malformed YAML) print
+their message; any other exception type prints its type and message and points to ``MLEARN_DEBUG=1``
+(it may be a bug worth reporting). Exit status: 2 for errors, 1 when a training guard stopped the run
+(:class:`mlearn.callbacks.TrainingStopped`: non-finite loss, no usable data), 143 after SIGTERM
+(checkpoint saved; requeue and resume with ``--ckpt_path last``).
 """
 from __future__ import annotations
 
@@ -45,12 +50,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[command](rest)
-    except (UsageError, FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+    except Exception as exc:  # every failure ends in one line; MLEARN_DEBUG=1 shows the traceback
         if os.environ.get("MLEARN_DEBUG"):
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"mlearn {command}: error: {message}", file=sys.stderr)
-        return 2
+        print(f"mlearn {command}: error: {describe_error(exc)}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+
+
+_EXPECTED = (UsageError, OSError, KeyError, ValueError, TypeError)
+# user errors of lazily imported libraries, matched by name so that `mlearn --help` imports none of them
+_EXPECTED_NAMES = {"MisconfigurationException", "YAMLError"}
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the user: an expected error's message (an ``OSError``'s reason and file), else the
+    exception's type and message and a pointer to ``MLEARN_DEBUG=1``."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+        message = f"{exc.strerror or type(exc).__name__}: {target}"
+    elif isinstance(exc, KeyError) and exc.args:
+        message = str(exc.args[0])
+    else:
+        message = str(exc)
+    lines = [line.strip() for line in message.splitlines() if line.strip() not in ("", "^")]  # YAML's caret
+    message = "; ".join(lines) or type(exc).__name__
+    if isinstance(exc, _EXPECTED) or hasattr(exc, "exit_code") or _expected_by_name(exc):
+        return message
+    return f"{type(exc).__name__}: {message} (unexpected error; set MLEARN_DEBUG=1 for the traceback)"
+
+
+def _expected_by_name(exc: BaseException) -> bool:
+    return any(cls.__name__ in _EXPECTED_NAMES for cls in type(exc).__mro__)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, worker counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def train(argv: List[str]) -> int:
@@ -65,7 +106,10 @@ def evaluate(argv: List[str]) -> int:
     parser.add_argument("--suite", required=True, help="suite YAML, e.g. evaluation/face_bins.yaml")
     parser.add_argument("--data-root", default=None, help="folder the suite's relative paths start from")
     parser.add_argument("--out", default=None, help="output dir (default: <run dir>/eval/<suite>)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    from mlearn.trust import add_trust_arguments
+
+    add_trust_arguments(parser)
     args = parser.parse_args(argv)
     from mlearn.evaluation.suite import run_suite
     from mlearn.inference import load_model
@@ -75,7 +119,7 @@ def evaluate(argv: List[str]) -> int:
         raise FileNotFoundError(f"suite not found: {suite} (see evaluation/*.yaml)")
     model_path = Path(args.model)
     out = Path(args.out) if args.out else _default_eval_dir(model_path, suite)
-    model = load_model(model_path)
+    model = load_model(model_path, unsafe=args.unsafe_load, allow_any_class=args.allow_any_class)
     run_suite(model, suite, data_root=args.data_root, out_dir=out, batch_size=args.batch_size)
     print(f"results written to {out}")
     return 0
@@ -91,13 +135,17 @@ def export(argv: List[str]) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument("--fp16", action="store_true",
                         help="float16 weights and compute, float32 input/output (parity tolerance 1e-2 vs fp32)")
-    parser.add_argument("--parity-batch", type=int, default=3, help="random inputs in the parity check")
+    parser.add_argument("--parity-batch", type=positive_int, default=3, help="random inputs in the parity check")
+    from mlearn.trust import add_trust_arguments
+
+    add_trust_arguments(parser)
     args = parser.parse_args(argv)
     from mlearn.export import ParityError, export_model
 
     try:
         result = export_model(args.model, args.format, args.output, fp16=args.fp16, opset=args.opset,
-                              parity_batch=args.parity_batch)
+                              parity_batch=args.parity_batch, unsafe=args.unsafe_load,
+                              allow_any_class=args.allow_any_class)
     except ParityError as exc:
         print(f"mlearn export: error: {exc}", file=sys.stderr)
         return 1
@@ -113,12 +161,17 @@ def embed(argv: List[str]) -> int:
     parser.add_argument("--model", required=True, help=".onnx, TorchScript .pt, .safetensors, run dir or .ckpt")
     parser.add_argument("--input", required=True, help="image (or wav) folder, recursive, or list file of paths")
     parser.add_argument("--output", required=True, help="OUT.npy")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: up to 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: up to 4)")
+    from mlearn.trust import add_trust_arguments
+
+    add_trust_arguments(parser)
     args = parser.parse_args(argv)
     from mlearn.embed import embed_to_files
+    from mlearn.inference import load_model
 
-    result, output = embed_to_files(args.model, args.input, args.output, batch_size=args.batch_size,
+    model = load_model(args.model, unsafe=args.unsafe_load, allow_any_class=args.allow_any_class)
+    result, output = embed_to_files(model, args.input, args.output, batch_size=args.batch_size,
                                     workers=args.workers)
     stem = output.with_suffix("")
     print(f"embedded {len(result.ids)} inputs -> {output} {tuple(result.embeddings.shape)}, ids in {stem}.ids.txt")
@@ -131,7 +184,7 @@ def data(argv: List[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     inspect = sub.add_parser("inspect", help="counts, class-size histogram, corrupt records")
     inspect.add_argument("path", help="RecordIO folder (train.rec/.idx), image folder or list file")
-    inspect.add_argument("--sample", type=int, default=None, help="decode only this many images")
+    inspect.add_argument("--sample", type=positive_int, default=None, help="decode only this many images")
     convert = sub.add_parser("convert", help="RecordIO -> image folder, or folder/list -> RecordIO")
     convert.add_argument("src")
     convert.add_argument("dst")
@@ -142,8 +195,9 @@ def data(argv: List[str]) -> int:
     if args.action == "inspect":
         print(format_inspect_report(inspect_dataset(args.path, sample=args.sample)))
     else:
-        convert_dataset(args.src, args.dst, to=args.to)
-        print(f"converted {args.src} -> {args.dst} ({args.to})")
+        summary = convert_dataset(args.src, args.dst, to=args.to)
+        print(f"converted {args.src} -> {args.dst} ({args.to}): {summary['images']} images, "
+              f"{summary['classes']} classes, {summary['skipped']} skipped as unreadable")
     return 0
 
 
