@@ -25,6 +25,7 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from mlearn.heads import functional as D
 from mlearn.module import _unpack  # the one reader of the batch formats
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,6 @@ class Preempted(TrainingStopped):
     """SIGTERM received; ``last.ckpt`` written (when the weights were finite)."""
 
     exit_code = PREEMPTED_EXIT_CODE
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """``flag`` OR-ed over all ranks (a collective: every rank must call it at the same point)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _sum_ranks(values: list, device: torch.device) -> list:
@@ -73,8 +65,7 @@ def weights_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter and floating-point buffer of ``module`` is finite on every rank."""
     tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() and t.numel()]
     local = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
-    device = tensors[0].device if tensors else torch.device("cpu")
-    return not _any_rank(not local, device)
+    return D.all_ranks_true(local)
 
 
 def last_checkpoint_path(trainer: pl.Trainer) -> Optional[Path]:
@@ -97,7 +88,7 @@ class NonFiniteLossGuard(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         loss = _loss_of(outputs)
         bad = loss is not None and not bool(torch.isfinite(loss.detach()).all())
-        if _any_rank(bad, pl_module.device):
+        if not D.all_ranks_true(not bad):
             value = float(loss.detach().float().flatten()[0]) if bad and loss is not None else None
             what = (f"training loss is {value}" if value is not None
                     else "training loss is not finite on another rank")
