@@ -399,6 +399,34 @@ def test_runs_rerun_into_a_run_dir_is_refused(_runs_base: Dict[str, Path], tmp_p
     assert tree(tmp_path) == before
 
 
+def _runs_loss_steps(run: Path) -> List[int]:
+    header, *lines = (run / "metrics.csv").read_text().splitlines()
+    names = header.split(",")
+    loss, step = names.index("train/loss"), names.index("step")
+    return [int(cells[step]) for cells in (line.split(",") for line in lines) if cells[loss]]
+
+
+@pytest.mark.slow
+def test_runs_resume_keeps_the_metrics_history(_runs_base: Dict[str, Path], tmp_path: Path) -> None:
+    run = _runs_copy(_runs_base, tmp_path)
+    assert _runs_loss_steps(run) == [0, 1, 2]
+    result = mlearn("train", "--config", _runs_base["config"], "--run_dir", run, "--ckpt_path", "last",
+                    "--trainer.max_epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _runs_loss_steps(run) == [0, 1, 2, 3, 4, 5]  # the first run's rows kept, no step twice
+
+
+@pytest.mark.slow
+def test_runs_the_final_steps_are_saved_with_periodic_checkpoints(_runs_base: Dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    config = _runs_config(tmp_path / "cfg", _runs_base["faces"], max_epochs=3, max_steps=8)
+    run = tmp_path / "run"
+    result = mlearn("train", "--config", config, "--run_dir", run, "--checkpoint.every_n_train_steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
+    assert step == 8  # the periodic checkpoints stop at step 6
+
+
 def _runs_truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
