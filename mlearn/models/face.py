@@ -140,7 +140,8 @@ _BLOCK_BODY_INDEX = {"bn1": 0, "conv1": 1, "bn2": 2, "prelu": 3, "conv2": 4, "bn
 def convert_insightface_iresnet(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Rename an insightface ``iresnet`` state dict (``conv1``, ``layer1.0.bn1``, ``fc``...) to IResNet's.
 
-    ``IResNet(layers, ...).load_state_dict(convert_insightface_iresnet(torch.load("backbone.pth", weights_only=True)))``.
+    ``IResNet(layers, ...).load_state_dict(convert_insightface_iresnet(state))`` with
+    ``state = torch.load("backbone.pth", weights_only=True)``.
     Raises ``KeyError`` on a name it does not know.
     """
     out: Dict[str, torch.Tensor] = {}
