@@ -113,6 +113,14 @@ def _corrupt_worker(rank: int, port: int, out: str) -> None:
     strategy = DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
     result = _fit_corrupt(2, strategy)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Both ranks done, then the group closed: a process exiting with a live gloo group can abort."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.distributed
