@@ -24,24 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ddp_utils import free_port, run_in_ddp
+from test_module_ddp import TinyNet  # the same DIM-6 network, no batch norm
 from mlearn.heads import ArcFace, PartialFC
 from mlearn.heads import functional as D
 from mlearn.module import EmbeddingModule, HeadConfig, sync_nonfinite_grads
 
 NUM_CLASSES, DIM, GLOBAL_BATCH, STEPS = 7, 6, 8, 3
-
-
-class TinyNet(nn.Module):
-    """No batch norm: per-rank BN statistics would legitimately differ from the global ones."""
-
-    embedding_size = 4
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
 
 def rank_batches(rank: int, world: int) -> List[tuple]:
