@@ -25,7 +25,7 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mlearn.heads import functional as D
+from mlearn.heads import distributed as D
 from mlearn.module import _unpack  # the one reader of the batch formats
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from mlearn.errors import UsageError
+
 USAGE = """usage: mlearn <command> [options]
 
 commands:
@@ -27,10 +29,6 @@ commands:
   data     inspect a dataset (counts, class sizes, corrupt records) or convert rec <-> folder
 
 `mlearn <command> --help` lists each command's options."""
-
-
-class UsageError(Exception):
-    """A user mistake the CLI reports in one line."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 from mlearn.data.batches import UnmirroredBatch
 from mlearn.data.transforms import normalize_images
 from mlearn.heads import Margin, PartialFC
-from mlearn.heads import functional as D
+from mlearn.heads import distributed as D
 
 log = logging.getLogger(__name__)
 

@@ -52,6 +52,7 @@ from mlearn.callbacks import (
     Preempted,
     PreemptionCheckpoint,
 )
+from mlearn.errors import UsageError
 from mlearn.module import EmbeddingModule
 from mlearn.trust import checkpoint_safe_globals, load_checkpoint
 
@@ -94,7 +95,6 @@ class MLearnCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        from mlearn.cli import UsageError
 
         try:
             super().parse_arguments(parser, args)
@@ -341,7 +341,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, keep: Optional[str] = None) 
     training writes there (checkpoints/, metrics, config, label map, TensorBoard events; other files
     stay). The files of a start that never trained (a config or data error at fit start) are replaced
     without asking. ``keep``: a checkpoint that must survive (the one a fine-tune starts from)."""
-    from mlearn.cli import UsageError
 
     found = previous_run(run_dir)
     if found and not overwrite:

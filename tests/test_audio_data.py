@@ -16,7 +16,14 @@ from mlearn.data.audio import (
     read_kaldi_lists,
     scan_speaker_folder,
 )
-from mlearn.data.audio_augment import NoiseSource, ReverbOrNoise, RirSource, add_noise, reverberate, speed_perturb
+from mlearn.data.audio_augment import (
+    NoiseSource,
+    ReverbOrNoise,
+    RirSource,
+    add_noise,
+    reverberate,
+    speed_perturb,
+)
 from mlearn.data.corrupt import CorruptSampleError, collate_skip_corrupt
 from mlearn.data.speaker_datamodule import SpeakerDataModule
 from mlearn.margin_schedule import MarginScheduler, margin_at

@@ -30,12 +30,11 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-
 from bad_input_utils import ROOT, fails_cleanly, mlearn, tree
 from data_utils import write_palette_rec
+
 from mlearn.data.bins import write_bin
 from mlearn.models import IResNet
-
 
 # -------- Trust: hostile or damaged model files and .bin sets (eval, embed, export)
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing  # noqa: F401 - registers the shared-memory reductions with ForkingPickler
+from data_utils import write_palette_rec
 from torch.utils.data import DataLoader
 
-from data_utils import write_palette_rec
 from mlearn.data import batches
 from mlearn.data.batches import BatchAllocator, ImageBatch, PooledImageBatch, UnmirroredBatch
 from mlearn.data.corrupt import collate_skip_corrupt

@@ -20,13 +20,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
+from ddp_utils import free_port, run_in_ddp
+from test_module_ddp import TinyNet  # the same DIM-6 network, no batch norm
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ddp_utils import free_port, run_in_ddp
-from test_module_ddp import TinyNet  # the same DIM-6 network, no batch norm
 from mlearn.heads import ArcFace, PartialFC
-from mlearn.heads import functional as D
+from mlearn.heads import distributed as D
 from mlearn.module import EmbeddingModule, HeadConfig, sync_nonfinite_grads
 
 NUM_CLASSES, DIM, GLOBAL_BATCH, STEPS = 7, 6, 8, 3

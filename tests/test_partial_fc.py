@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ddp_utils import run_in_ddp
 
 from mlearn.heads import ArcFace, PartialFC, build_margin
-from mlearn.heads import functional as D
+from mlearn.heads import distributed as D
 
 NUM_CLASSES, DIM = 11, 6  # 11 classes: uneven shards for W = 2 and 3
 LOCAL_BATCH = [5, 3, 4]  # per-rank batch sizes differ (a smaller last batch)

@@ -17,10 +17,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from data_utils import write_palette_rec
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from data_utils import write_palette_rec
 from mlearn.data.bins import write_bin
 from mlearn.module import DECAYS, EmbeddingModule, HeadConfig, Schedule, ScheduleName
 from mlearn.train_cli import build_cli, describe_run, run_training

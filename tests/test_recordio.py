@@ -13,8 +13,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlearn.data.corrupt import CorruptSampleError, collate_skip_corrupt
-from mlearn.data.recordio import (IR_SIZE, MAGIC, IRHeader, RecordIODataset, RecordIOReader, RecordIOWriter,
-                                  _float32_window, _IndexedWriter, _read_index, frame, pack, unpack)
+from mlearn.data.recordio import (
+    IR_SIZE,
+    MAGIC,
+    IRHeader,
+    RecordIODataset,
+    RecordIOReader,
+    RecordIOWriter,
+    _float32_window,
+    _IndexedWriter,
+    _read_index,
+    frame,
+    pack,
+    unpack,
+)
 from mlearn.data.transforms import build_transform
 
 

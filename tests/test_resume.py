@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from data_utils import write_palette_rec
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from data_utils import write_palette_rec
 from mlearn.data.batches import UnmirroredBatch
 from mlearn.data.datamodule import FaceDataModule
-from mlearn.data.speaker_datamodule import SpeakerDataModule
 from mlearn.data.samplers import (
     EpochPermutationSampler,
     EpochSeededDataset,
     reseed_transform,
     sample_generators,
 )
+from mlearn.data.speaker_datamodule import SpeakerDataModule
 from mlearn.data.transforms import build_transform
 from mlearn.heads import AdaFace, ArcFace
 from mlearn.models import ECAPA_TDNN, IResNet

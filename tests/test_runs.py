@@ -282,7 +282,6 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     """Rank 1 alone sees a NaN loss at its second batch: both ranks stop at the same step (no rank waits
     in a collective for the other), and last.ckpt holds the step before."""
     import torch.multiprocessing as mp
-
     from ddp_utils import free_port
 
     mp.spawn(_nonfinite_worker, args=(free_port(), tmp_path), nprocs=2, join=True)

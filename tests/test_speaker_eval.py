@@ -11,8 +11,16 @@ import torch
 
 from mlearn.data.fbank import apply_cmn, kaldi_fbank
 from mlearn.evaluation.roc import EER_VARIANTS, eer_nist, eer_sklearn, eer_speechbrain, min_dcf
-from mlearn.evaluation.speaker import (apply_score_norm, as_norm, cohort_score_stats, cosine_scores, read_trials,
-                                       run_protocol, speaker_mean_cohort, top_n_stats)
+from mlearn.evaluation.speaker import (
+    apply_score_norm,
+    as_norm,
+    cohort_score_stats,
+    cosine_scores,
+    read_trials,
+    run_protocol,
+    speaker_mean_cohort,
+    top_n_stats,
+)
 from mlearn.models.speaker import AUDIO_INPUT_SPEC
 
 # --------------------------------------------------------------------------------- EER variants

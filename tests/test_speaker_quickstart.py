@@ -11,7 +11,12 @@ import torch
 import yaml
 
 from mlearn.data.fbank import INPUT_SCALE, kaldi_fbank
-from mlearn.data.synthetic_speech import make_speaker_dataset, sample_channel, sample_speaker, synthesize_utterance
+from mlearn.data.synthetic_speech import (
+    make_speaker_dataset,
+    sample_channel,
+    sample_speaker,
+    synthesize_utterance,
+)
 from mlearn.evaluation.speaker import mfcc_mean, read_trials
 
 ROOT = Path(__file__).resolve().parents[1]

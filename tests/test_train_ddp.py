@@ -13,10 +13,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
+from data_utils import write_palette_rec
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from data_utils import write_palette_rec
 from mlearn.data.datamodule import FaceDataModule
 
 CLASSES, PER_CLASS, SIZE, WORLD, PER_RANK, STEPS = 5, 8, 16, 2, 4, 4  # 40 images, 5 global batches/epoch

@@ -10,8 +10,14 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from mlearn.data.transforms import (LowResolution, ZeroPadRandomCrop, build_transform, list_augmentations,
-                                    normalize_images, to_normalized_tensor)
+from mlearn.data.transforms import (
+    LowResolution,
+    ZeroPadRandomCrop,
+    build_transform,
+    list_augmentations,
+    normalize_images,
+    to_normalized_tensor,
+)
 
 
 def face(size: int = 112, seed: int = 0) -> np.ndarray:

@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
+
 # tools/ (this script's folder) is on sys.path
 from bench_loader import bare_cv2_decode, loader_epoch, make_rec, measure, steady_pass
 from torch.utils.data import DataLoader, IterableDataset

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlearn.heads import functional as D
+from mlearn.heads import distributed as D
 from mlearn.heads.margins import Margin
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class PartialFC(nn.Module):
         """This rank's rows [num_local·K, ...] -> the full [num_classes·K, ...] on rank 0's CPU, an
         empty [0, ...] placeholder on the other ranks (collective call); ``local`` itself on one rank.
 
-        Rows are gathered block by block (:func:`mlearn.heads.functional.gather_to_root`): no rank
+        Rows are gathered block by block (:func:`mlearn.heads.distributed.gather_to_root`): no rank
         holds the full matrix on its device, and only rank 0 holds it at all.
         """
         if self.world_size == 1:
