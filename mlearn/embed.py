@@ -171,7 +171,7 @@ def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_si
     Path(f"{stem}.ids.txt").write_text("".join(f"{rel}\n" for rel in result.ids))
     Path(f"{stem}.errors.txt").write_text("".join(f"{rel}\t{reason}\n" for rel, reason in result.errors))
     if not result.ids:
-        from mlearn.evaluation.report import summarize_failures
+        from mlearn.data.corrupt import summarize_failures
 
         kind = "audio files" if embedder.modality == "audio" else "images"
         raise ValueError(f"none of the {len(ids)} {kind} of {source} could be embedded: "

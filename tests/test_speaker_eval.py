@@ -450,7 +450,7 @@ def test_one_sided_scorable_trials_name_the_skipped_wavs(tmp_path):
 
 
 def test_failure_summary_counts_by_kind():
-    from mlearn.evaluation.report import failure_kinds, summarize_failures
+    from mlearn.data.corrupt import failure_kinds, summarize_failures
 
     failures = {"a.wav": "too short: 3 samples", "b.wav": "wrong sample rate: 8000 Hz, expected 16000 Hz",
                 "c.wav": "wrong sample rate: 44100 Hz, expected 16000 Hz"}

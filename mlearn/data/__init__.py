@@ -21,6 +21,8 @@ _EXPORTS = {
     "load_label_map": "mlearn.data.folders",
     "CorruptSampleError": "mlearn.data.corrupt",
     "collate_skip_corrupt": "mlearn.data.corrupt",
+    "failure_kinds": "mlearn.data.corrupt",
+    "summarize_failures": "mlearn.data.corrupt",
     "ImageBatch": "mlearn.data.batches",
     "UnmirroredBatch": "mlearn.data.batches",
     "build_transform": "mlearn.data.transforms",

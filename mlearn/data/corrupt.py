@@ -9,7 +9,7 @@ function passes through.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -101,3 +101,20 @@ def collate_skip_corrupt(batch: Union[AnyImageBatch, Sequence[Optional[Tuple[Any
         return ImageBatch(torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.long), num_corrupt)
     images, labels = default_collate(good)
     return ImageBatch(images, torch.as_tensor(labels, dtype=torch.long), num_corrupt)
+
+
+def failure_kinds(failures: Dict[str, str]) -> Dict[str, Tuple[int, str]]:
+    """``{kind: (count, first "path: reason")}`` of ``{path: "kind: detail"}``, most frequent first."""
+    kinds: Dict[str, Tuple[int, str]] = {}
+    for path, reason in failures.items():
+        kind = reason.split(":", 1)[0]
+        count, example = kinds.get(kind, (0, f"{path}: {reason}"))
+        kinds[kind] = (count + 1, example)
+    return dict(sorted(kinds.items(), key=lambda item: -item[1][0]))
+
+
+def summarize_failures(failures: Dict[str, str]) -> str:
+    """One line: counts by kind and the first example, e.g. ``3 wrong sample rate (e.g. a.wav: wrong
+    sample rate: 8000 Hz, expected 16000 Hz)``."""
+    kinds = failure_kinds(failures)
+    return "; ".join(f"{count} {kind} (e.g. {example})" for kind, (count, example) in kinds.items())

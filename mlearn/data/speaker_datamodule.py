@@ -153,7 +153,7 @@ def check_audio(dataset: SpeakerAudioDataset, root: Path, strict: bool = False,
     corrupt); ``ValueError`` (one line: counts by kind, an example file, its rate and the expected one)
     when every probed utterance is unusable, or with ``strict`` when any is.
     """
-    from mlearn.evaluation.report import summarize_failures
+    from mlearn.data.corrupt import summarize_failures
 
     probed, failures = dataset.probe(limit)
     if not failures:

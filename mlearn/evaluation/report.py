@@ -28,23 +28,6 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(out).rstrip()
 
 
-def failure_kinds(failures: Dict[str, str]) -> Dict[str, Tuple[int, str]]:
-    """``{kind: (count, first "path: reason")}`` of ``{path: "kind: detail"}``, most frequent first."""
-    kinds: Dict[str, Tuple[int, str]] = {}
-    for path, reason in failures.items():
-        kind = reason.split(":", 1)[0]
-        count, example = kinds.get(kind, (0, f"{path}: {reason}"))
-        kinds[kind] = (count + 1, example)
-    return dict(sorted(kinds.items(), key=lambda item: -item[1][0]))
-
-
-def summarize_failures(failures: Dict[str, str]) -> str:
-    """One line: counts by kind and the first example, e.g. ``3 wrong sample rate (e.g. a.wav: wrong
-    sample rate: 8000 Hz, expected 16000 Hz)``."""
-    kinds = failure_kinds(failures)
-    return "; ".join(f"{count} {kind} (e.g. {example})" for kind, (count, example) in kinds.items())
-
-
 def public_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Rows without their private (``_``-prefixed) keys, ready for JSON."""
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from mlearn.evaluation.report import failure_kinds, summarize_failures
+from mlearn.data.corrupt import failure_kinds, summarize_failures
 from mlearn.evaluation.roc import eer_nist, eer_sklearn, eer_speechbrain, min_dcf
 
 log = logging.getLogger(__name__)
