@@ -376,7 +376,9 @@ def test_margin_scheduler_refuses_values_the_margin_refuses() -> None:
     from mlearn.margin_schedule import MarginScheduler
 
     MarginScheduler(initial_margin=0.0, final_margin=0.2).check_values(build_margin("arcface"))
-    with pytest.raises(ValueError, match=r"final_margin=3.3 for ArcFace: m=3.3: expected a number in \[0, 3.14"):
+    with pytest.raises(
+        ValueError, match=r"final_margin=3.3 for ArcFace: m=3.3: expected a number in \[0, 3.14"
+    ):
         MarginScheduler(initial_margin=0.0, final_margin=3.3).check_values(build_margin("arcface"))
     with pytest.raises(ValueError, match=r"initial_margin=-0.1 for CosFace: m=-0.1"):
         MarginScheduler(initial_margin=-0.1, final_margin=0.2).check_values(build_margin("cosface"))

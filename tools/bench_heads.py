@@ -1,20 +1,28 @@
-"""Step time and memory of the classification head: full FC vs Partial FC, per margin.
+"""Step time and memory of the classification head next to the three bare GEMMs of the same shapes.
 
-One step = forward + backward of ``PartialFC(margin, D, C, sample_rate)`` on a [B, D] batch (the
-head alone: no backbone, no optimizer). Each configuration runs in a fresh process so that peak
-memory is attributable to it.
+One step = forward + backward of ``PartialFC(margin, D, C, sample_rate, engine=...)`` on a [B, D] batch
+(the head alone: no backbone, no optimizer). The ``gemm3`` row is the three GEMMs every exact head
+step needs at least, in the same dtype: logits X·Wᵀ [B, C], dX = G·W [B, D], dW = Gᵀ·X [C, D], in its
+own process (its time and memory). A head row's ``x_gemm3`` is the median over the repeats of (head step
+time / gemm3 time), the gemm3 run in the head's process on its centers right after each step, so that
+load changes of a shared machine cancel out. Every configuration runs in a fresh process.
 
 Memory columns:
-  logits_MB  size of ONE [B, C_used] float32 logits tensor (C_used = classes in the step: all, or
-             the sampled ones); the head keeps a few such tensors alive (cosine, logits, softmax).
-  peak_MB    CUDA: torch.cuda.max_memory_allocated() during the steps minus the allocation before them.
-             CPU: peak resident set size (ru_maxrss) minus the RSS before the steps, with glibc told to
-             serve allocations >= 64 KiB by mmap (returned to the OS when freed) so that RSS tracks
-             live tensors. It includes the weight gradient (dense [C, D] also with sampling, as
-             arcface_torch) and the normalised copy of the centers used in the step.
+  peak_MB    the largest extra memory of one measured step. CUDA: torch.cuda.max_memory_allocated()
+             during the step minus the allocation before it. CPU: the peak resident set size (VmHWM,
+             reset before the step through /proc/self/clear_refs) minus the RSS before the step, with
+             glibc told to serve allocations >= 32 MiB by mmap (returned to the OS when freed) so that
+             RSS tracks the big tensors; smaller freed blocks stay in the heap (a few block budgets of
+             the chunked engine). It includes the weight gradient.
+  x_grad     peak_MB over the size of the float32 weight gradient (4·C·K·D bytes).
 
-Example:
-  python tools/bench_heads.py --classes 10000 100000 1000000 --sample-rates 1.0 0.1 0.3 --repeats 3
+``--dtype bf16``/``fp16``: the head runs under autocast (float32 master weight and gradient); gemm3 runs
+on bf16/fp16 operands.
+
+Examples:
+  python tools/bench_heads.py --classes 200000 1000000 --sample-rates 1.0 0.1 --repeats 2
+  python tools/bench_heads.py --device cuda --dtype bf16 --classes 10000000 --sample-rates 1.0 \\
+      --all-margins-at --repeats 3     # one H200: 1e7 classes x 512
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import resource
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _rss_mb() -> float:
@@ -39,61 +49,127 @@ def _rss_mb() -> float:
 
 def _run_one(cfg: Dict, queue: "mp.Queue") -> None:
     try:
-        queue.put(_measure(cfg))
+        queue.put(_measure_gemm3(cfg) if cfg["kind"] == "gemm3" else _measure_head(cfg))
     except Exception as exc:  # reported in the table instead of killing the whole run
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _measure(cfg: Dict) -> Dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: torch.device) -> float:
+    """Start a new peak-memory window; returns the current allocation in MB (the window's base)."""
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM), Linux >= 4.0
+        f.write("5")
+    return _rss_mb()
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/status") as f:
+        line = next(row for row in f if row.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _timed(cfg: Dict, device: torch.device, step: Any, before_measure: Any,
+           reference: Optional[Any] = None) -> Dict:
+    """warmup + repeats of ``step``: median time, peak extra memory over the measured steps and, with
+    ``reference`` (the gemm3 step), the median of the per-repeat ratios step / reference, each
+    reference run right after its step (so that load changes on a shared machine cancel out)."""
+    for _ in range(cfg["warmup"]):
+        step()
+    before_measure()
+    times: List[float] = []
+    ratios: List[float] = []
+    peak = 0.0
+    for _ in range(cfg["repeats"]):
+        base = _reset_peak(device)
+        tic = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - tic)
+        peak = max(peak, _peak_mb(device) - base)
+        before_measure()
+        if reference is not None:
+            tic = time.perf_counter()
+            reference()
+            _sync(device)
+            ratios.append(times[-1] / (time.perf_counter() - tic))
+    res = {"ms": 1000 * statistics.median(times), "peak_mb": peak}
+    if ratios:
+        res["x_gemm3"] = statistics.median(ratios)
+    return res
+
+
+def _gemm3_step(weight: torch.Tensor, x: torch.Tensor) -> None:
+    """The three GEMMs of a head step: logits [B, C], dX [B, D], dW [C, D]."""
+    logits = x @ weight.t()
+    grad_x = logits @ weight
+    grad_w = logits.t() @ x
+    del logits, grad_x, grad_w
+
+
+def _measure_gemm3(cfg: Dict) -> Dict:
+    torch.set_num_threads(cfg["threads"])
+    device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = torch.randn(cfg["classes"], cfg["dim"], device=device, dtype=dtype, generator=gen)
+    x = torch.randn(cfg["batch"], cfg["dim"], device=device, dtype=dtype, generator=gen)
+    return _timed(cfg, device, lambda: _gemm3_step(weight, x), lambda: None)
+
+
+def _measure_head(cfg: Dict) -> Dict:
     from mlearn.heads import PartialFC, build_margin
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
-    head = PartialFC(build_margin(cfg["margin"]), cfg["dim"], cfg["classes"], sample_rate=cfg["rate"]).to(
-        device
-    )
+
+    class Head(PartialFC):
+        def _initial_weight(self, seed: int) -> torch.Tensor:
+            if device.type != "cuda":
+                return super()._initial_weight(seed)
+            # drawn on the GPU: the CPU draw of 1e7 x 512 centers would take longer than the steps
+            rows = self.num_local * self.num_subcenters
+            return torch.randn(rows, self.embedding_size, device=device).mul_(self.init_std)
+
+    head = Head(
+        build_margin(cfg["margin"]), cfg["dim"], cfg["classes"], sample_rate=cfg["rate"],
+        engine=cfg["engine"], chunk_size=cfg["chunk_size"], chunk_memory_mb=cfg["chunk_memory_mb"],
+    ).to(device)
     emb = torch.randn(cfg["batch"], cfg["dim"], device=device, requires_grad=True)
     labels = torch.randint(0, cfg["classes"], (cfg["batch"],), device=device)
+    dtype = DTYPES[cfg["dtype"]]
 
     def step() -> None:
         head.zero_grad(set_to_none=True)
         emb.grad = None
-        head(emb, labels).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = head(emb, labels)
+        loss.backward()
 
-    for _ in range(cfg["warmup"]):
-        step()
-    head.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_mb()
-    times: List[float] = []
-    for _ in range(cfg["repeats"]):
-        tic = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tic)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    used = cfg["classes"] if head.last_sample_index is None else head.last_sample_index.numel()
-    return {
-        "ms": 1000 * statistics.median(times),
-        "used": used,
-        "logits_mb": cfg["batch"] * used * 4 / 2**20,
-        "peak_mb": peak,
-    }
+    # the gemm3 reference on the head's own centers (a bf16/fp16 copy for those dtypes)
+    ref_weight = head.weight.detach().to(dtype)
+    ref_x = emb.detach().to(dtype)
+    res = _timed(cfg, device, step, lambda: head.zero_grad(set_to_none=True),
+                 reference=lambda: _gemm3_step(ref_weight, ref_x))
+    res["used"] = cfg["classes"] if head.last_sample_index is None else head.last_sample_index.numel()
+    return res
 
 
 def _in_subprocess(cfg: Dict) -> Dict:
-    # read by glibc when the child interpreter starts: big blocks go back to the OS when freed
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+    # read by glibc when the child interpreter starts: blocks >= 32 MiB (glibc's largest threshold) are
+    # mmapped and go back to the OS when freed, so RSS tracks the big tensors; smaller ones (the chunked
+    # engine's per-block temporaries) are reused from the heap instead of being mapped and page-faulted
+    # in again on every operation, which would dominate the step time
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_run_one, args=(cfg, queue))
@@ -104,20 +180,28 @@ def _in_subprocess(cfg: Dict) -> Dict:
     return queue.get()
 
 
-def main(argv: List[str] | None = None) -> None:
+def _row(label: str, cfg: Dict, res: Dict) -> str:
+    head = f"{cfg['classes']:>9} {label:<16} {cfg['rate']:>5.2f} {cfg.get('engine', ''):<8}"
+    if "error" in res:
+        return f"{head} {res['error']}"
+    grad_mb = 4 * cfg["classes"] * cfg["dim"] / 2**20
+    ratio = f"{res['x_gemm3']:>7.2f}" if "x_gemm3" in res else f"{'-':>7}"
+    return f"{head} {res['ms']:>9.1f} {ratio} {res['peak_mb']:>9.0f} {res['peak_mb'] / grad_mb:>6.2f}"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     from mlearn.heads import list_margins
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1, 0.3])
+    p.add_argument("--classes", type=int, nargs="+", default=[10_000, 200_000, 1_000_000])
+    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1])
     p.add_argument("--margins", nargs="+", default=["arcface"], help="margins at every size")
-    p.add_argument(
-        "--all-margins-at",
-        type=int,
-        nargs="*",
-        default=[10_000],
-        help="class counts at which every registered margin is measured",
-    )
+    p.add_argument("--all-margins-at", type=int, nargs="*", default=[10_000],
+                   help="class counts at which every registered margin is measured")
+    p.add_argument("--engines", nargs="+", default=["chunked"], choices=["chunked", "dense"])
+    p.add_argument("--chunk-size", type=int, default=None, help="classes per block (chunked engine)")
+    p.add_argument("--chunk-memory-mb", type=float, default=None, help="block budget (chunked engine)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -127,55 +211,41 @@ def main(argv: List[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     all_margins = [m for m in list_margins() if m != "normface"]  # an alias of softmax
-    rows = []
-    print(
-        f"device={args.device} threads={args.threads} D={args.dim} B={args.batch} "
-        f"repeats={args.repeats} (median) warmup={args.warmup}",
-        flush=True,
-    )
-    header = (
-        f"{'classes':>9} {'margin':<16} {'rate':>5} {'C_used':>8} "
-        f"{'step_ms':>9} {'logits_MB':>10} {'peak_MB':>9}"
-    )
+    common = dict(dim=args.dim, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
+                  threads=args.threads, device=args.device, dtype=args.dtype)
+    print(f"device={args.device} dtype={args.dtype} threads={args.threads} D={args.dim} B={args.batch} "
+          f"repeats={args.repeats} (median) warmup={args.warmup} torch={torch.__version__}", flush=True)
+    header = (f"{'classes':>9} {'margin':<16} {'rate':>5} {'engine':<8} {'step_ms':>9} {'x_gemm3':>7} "
+              f"{'peak_MB':>9} {'x_grad':>6}")
     print(header)
     print("-" * len(header), flush=True)
+    rows = []
     for classes in args.classes:
+        gcfg: Dict[str, Any] = dict(common, kind="gemm3", classes=classes, rate=1.0, engine="")
+        print(_row("gemm3", gcfg, _in_subprocess(gcfg)), flush=True)
         margins = all_margins if classes in args.all_margins_at else args.margins
         for margin in margins:
             for rate in args.sample_rates:
-                cfg = dict(
-                    margin=margin,
-                    classes=classes,
-                    rate=rate,
-                    dim=args.dim,
-                    batch=args.batch,
-                    repeats=args.repeats,
-                    warmup=args.warmup,
-                    threads=args.threads,
-                    device=args.device,
-                )
-                res = _in_subprocess(cfg)
-                rows.append((cfg, res))
-                if "error" in res:
-                    print(f"{classes:>9} {margin:<16} {rate:>5.2f}  {res['error']}", flush=True)
-                    continue
-                print(
-                    f"{classes:>9} {margin:<16} {rate:>5.2f} {res['used']:>8} {res['ms']:>9.1f} "
-                    f"{res['logits_mb']:>10.1f} {res['peak_mb']:>9.0f}",
-                    flush=True,
-                )
+                for engine in args.engines:
+                    cfg = dict(common, kind="head", margin=margin, classes=classes, rate=rate, engine=engine,
+                               chunk_size=args.chunk_size, chunk_memory_mb=args.chunk_memory_mb)
+                    res = _in_subprocess(cfg)
+                    rows.append((cfg, res))
+                    print(_row(margin, cfg, res), flush=True)
 
-    print("\nratios Partial FC / full FC (same run)")
-    print(f"{'classes':>9} {'margin':<16} {'rate':>5} {'time':>6} {'logits':>7} {'peak':>6}")
-    full = {(c["classes"], c["margin"]): r for c, r in rows if c["rate"] == 1.0 and "error" not in r}
-    for cfg, res in rows:
-        ref = full.get((cfg["classes"], cfg["margin"]))
-        if cfg["rate"] == 1.0 or ref is None or "error" in res:
-            continue
-        print(
-            f"{cfg['classes']:>9} {cfg['margin']:<16} {cfg['rate']:>5.2f} {res['ms'] / ref['ms']:>6.3f} "
-            f"{res['logits_mb'] / ref['logits_mb']:>7.3f} {res['peak_mb'] / max(ref['peak_mb'], 1e-9):>6.3f}"
-        )
+    full = {
+        (c["classes"], c["margin"], c["engine"]): r for c, r in rows if c["rate"] == 1.0 and "error" not in r
+    }
+    partial = [(c, r) for c, r in rows if c["rate"] < 1.0 and "error" not in r]
+    if partial:
+        print("\nratios Partial FC / full FC (same run)")
+        print(f"{'classes':>9} {'margin':<16} {'rate':>5} {'engine':<8} {'time':>6} {'peak':>6}")
+        for cfg, res in partial:
+            ref = full.get((cfg["classes"], cfg["margin"], cfg["engine"]))
+            if ref is None:
+                continue
+            print(f"{cfg['classes']:>9} {cfg['margin']:<16} {cfg['rate']:>5.2f} {cfg['engine']:<8} "
+                  f"{res['ms'] / ref['ms']:>6.3f} {res['peak_mb'] / max(ref['peak_mb'], 1e-9):>6.3f}")
     sys.stdout.flush()
 
 

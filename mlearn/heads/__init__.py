@@ -1,4 +1,5 @@
-"""Margin heads (cosine -> logits) and the Partial FC classifier (sharded, sampled class centers)."""
+"""Margin heads (cosine -> logits) and the Partial FC classifier (sharded, sampled class centers;
+exact loss computed over class blocks by :mod:`mlearn.heads.chunked`)."""
 
 from mlearn.heads.margins import (
     AdaFace,

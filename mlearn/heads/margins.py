@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -99,6 +99,11 @@ class Margin(nn.Module):
     and optionally :meth:`other_logits` (unscaled logits of every entry; the target entries are
     overwritten) and :meth:`update_state` (called once per call, in ``train()`` mode only, before the
     formulas).
+
+    :class:`mlearn.heads.PartialFC`'s chunked engine calls the pieces, not ``forward``: ``update_state``
+    once per step on the global batch, ``target_logit`` once on the B global target cosines (a
+    [B, 1] ``batch.cosine``), ``other_logits`` (or :meth:`other_logits_with_grad`) on each block of
+    columns. A subclass that overrides ``forward`` gets the dense engine.
     """
 
     #: the formula needs each row's target cosine beyond that row's target column
@@ -118,6 +123,12 @@ class Margin(nn.Module):
     def other_logits(self, batch: MarginBatch) -> torch.Tensor:
         """[B, C] unscaled logits of the non-target entries (default: the cosine itself)."""
         return batch.cosine
+
+    def other_logits_with_grad(self, batch: MarginBatch) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(:meth:`other_logits`, its elementwise derivative w.r.t. the cosine), both [B, C] and
+        detached, or None: the chunked engine of :class:`mlearn.heads.PartialFC` then differentiates
+        :meth:`other_logits` with autograd (slower)."""
+        return None
 
     def update_state(self, batch: MarginBatch) -> None:
         """Update running statistics (buffers); called in ``train()`` mode only."""
@@ -338,6 +349,8 @@ class AdaFace(Margin):
     """
 
     eps = 1e-3
+    batch_mean: torch.Tensor  # buffers
+    batch_std: torch.Tensor
 
     def __init__(self, s: float = 64.0, m: float = 0.4, h: float = 0.333, t_alpha: float = 0.01) -> None:
         super().__init__(s)
@@ -388,6 +401,7 @@ class CurricularFace(Margin):
     """
 
     needs_target_cosine = True
+    t: torch.Tensor  # buffer
 
     def __init__(self, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__(s)
@@ -403,9 +417,22 @@ class CurricularFace(Margin):
     def other_logits(self, batch: MarginBatch) -> torch.Tensor:
         cosine = batch.cosine
         threshold = _cos_add(batch.target_cosine, self.m)  # [B]
-        hard = (cosine.detach() > threshold[:, None]) & batch.known[:, None]
+        hard = cosine.detach() > threshold[:, None]
+        if not bool(batch.known.all()):
+            hard &= batch.known[:, None]
         t = self.t.to(cosine.dtype)
         return torch.where(hard, cosine * (t + cosine), cosine)
+
+    def other_logits_with_grad(self, batch: MarginBatch) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        cosine = batch.cosine.detach()
+        threshold = _cos_add(batch.target_cosine, self.m)
+        hard = cosine > threshold[:, None]
+        if not bool(batch.known.all()):
+            hard &= batch.known[:, None]
+        t = self.t.to(cosine.dtype)
+        shifted = cosine + t
+        logits = torch.where(hard, cosine * shifted, cosine)
+        return logits, torch.where(hard, shifted.add_(cosine), 1.0)
 
     def target_logit(self, target: torch.Tensor, batch: MarginBatch) -> torch.Tensor:
         return _arc_with_fallback(target, self.m)
@@ -437,6 +464,11 @@ class CircleMargin(Margin):
         cosine = batch.cosine
         alpha = (cosine.detach() + self.m).clamp_min(0.0)
         return alpha * (cosine - self.m)
+
+    def other_logits_with_grad(self, batch: MarginBatch) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        cosine = batch.cosine.detach()
+        alpha = (cosine + self.m).clamp_min_(0.0)  # α_n is detached: it is the derivative
+        return alpha * (cosine - self.m), alpha
 
     def _hparams(self) -> dict:
         return {"s": self.s, "m": self.m}

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlearn.heads import chunked as C
 from mlearn.heads import distributed as D
 from mlearn.heads.margins import Margin
 
 log = logging.getLogger(__name__)
 
 _INIT_CHUNK = 1 << 16  # rows per independently seeded chunk of the initial centers
+ENGINES = ("chunked", "dense")
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> Tuple[int, int]:
@@ -60,7 +62,18 @@ class PartialFC(nn.Module):
     call (:class:`mlearn.module.EmbeddingModule` derives it from the global step). ``last_sample_index``
     holds the kept local class indices of the last training step. In ``eval()`` mode every class is
     used. As in arcface_torch's PartialFC_V2, ``weight.grad`` is dense with zero rows for the
-    unsampled classes, so momentum and weight decay still move those rows.
+    unsampled classes, so an optimizer still moves those rows: SGD momentum keeps applying their
+    velocity (decaying by the momentum factor each step) and weight decay shrinks them every step,
+    as if they had been sampled with a zero loss gradient. arcface_torch v1 updated only the sampled
+    rows (their optimizer state included); that behaviour needs a sparse optimizer step and is not
+    offered here.
+
+    Engine (``engine="chunked"``, the default): the loss and its exact gradients are computed over
+    blocks of classes (:mod:`mlearn.heads.chunked`): no [B, C] logits tensor and no normalised copy
+    of the centers; the block size comes from ``chunk_size`` or the ``chunk_memory_mb`` budget and
+    changes the result only by float rounding. ``engine="dense"`` is the reference computation
+    (margin on the full [B, C_local] cosine matrix, autograd); a margin that is not a
+    :class:`~mlearn.heads.Margin`, or overrides ``forward``, always uses it.
 
     Collectives: when distributed, construction (shared initialisation seed), ``forward`` and
     ``state_dict()`` are collective calls: every rank of ``process_group`` must make them.
@@ -84,6 +97,10 @@ class PartialFC(nn.Module):
         process_group: the ranks sharing the centers (default: the whole world when initialised).
         seed: base seed of the negative-class sampling (default: the seed of the initial centers,
             drawn from the default generator and shared by all ranks).
+        engine: ``"chunked"`` (default) or ``"dense"`` (see above).
+        chunk_size: classes per block of the chunked engine (default: from ``chunk_memory_mb``).
+        chunk_memory_mb: memory budget of one block's working tensors (default: 8 MB on CPU,
+            1024 MB on CUDA); ignored when ``chunk_size`` is given.
     """
 
     def __init__(
@@ -97,6 +114,9 @@ class PartialFC(nn.Module):
         init_std: float = 0.01,
         process_group: Optional[Any] = None,
         seed: Optional[int] = None,
+        engine: str = "chunked",
+        chunk_size: Optional[int] = None,
+        chunk_memory_mb: Optional[float] = None,
     ) -> None:
         super().__init__()
         if not isinstance(margin, nn.Module):
@@ -114,6 +134,12 @@ class PartialFC(nn.Module):
             raise ValueError(f"num_subcenters={num_subcenters}: expected a positive integer")
         if straight_through and not hasattr(margin, "s"):
             raise ValueError("straight_through=True needs a margin with a scale attribute `s`")
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+        C.check_chunk_options(chunk_size, chunk_memory_mb)
+        self.engine = engine
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.chunk_memory_mb = None if chunk_memory_mb is None else float(chunk_memory_mb)
         self.margin = margin
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -162,7 +188,7 @@ class PartialFC(nn.Module):
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}, "
-            f"straight_through={self.straight_through}, shard=[{self.class_start}, "
+            f"straight_through={self.straight_through}, engine={self.engine}, shard=[{self.class_start}, "
             f"{self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}"
         )
 
@@ -197,12 +223,12 @@ class PartialFC(nn.Module):
                 f"now called on rank {rank} of {world}: rebuild it after the process group"
             )
 
-    def _sample(self, local: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """local: [B] column in this block or -1 -> (weight rows [N·K, D], labels remapped to them)."""
-        k = self.num_subcenters
+    def _sample(self, local: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """local: [B] column in this block or -1 -> (kept local class indices [N] sorted, or None for
+        all; labels remapped to the kept classes)."""
         if self.sample_rate >= 1.0 or not self.training:
             self.last_sample_index = None
-            return self.weight, local
+            return None, local
         valid = local >= 0
         positives = torch.unique(local[valid])
         num_sample = max(int(self.sample_rate * self.num_local), positives.numel())
@@ -216,8 +242,13 @@ class PartialFC(nn.Module):
         remapped = local.clone()
         remapped[valid] = torch.searchsorted(index, local[valid])
         self.last_sample_index = index
-        weight = self.weight.view(self.num_local, k, self.embedding_size)[index]
-        return weight.reshape(-1, self.embedding_size), remapped
+        return index, remapped
+
+    def uses_chunked_engine(self) -> bool:
+        """True when forward runs :mod:`mlearn.heads.chunked` (see ``engine``)."""
+        margin = self.margin
+        return (self.engine == "chunked" and isinstance(margin, Margin)
+                and type(margin).forward is Margin.forward)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """embeddings [B_r, D] (un-normalised), labels [B_r] global ids -> scalar global mean CE loss."""
@@ -237,7 +268,13 @@ class PartialFC(nn.Module):
         generator = D.shared_generator(group) if getattr(self.margin, "stochastic", False) else None
         local = all_labels - self.class_start
         local[(local < 0) | (local >= self.num_local)] = -1
-        weight, local = self._sample(local)
+        index, local = self._sample(local)
+        if self.uses_chunked_engine():
+            return self._chunked_loss(all_embeddings, local, index, generator)
+        weight: torch.Tensor = self.weight
+        if index is not None:
+            k, dim = self.num_subcenters, self.embedding_size
+            weight = weight.view(self.num_local, k, dim)[index].reshape(-1, dim)
 
         cosine = F.linear(F.normalize(all_embeddings, dim=1), F.normalize(weight, dim=1))
         batch = all_embeddings.shape[0]
@@ -247,7 +284,7 @@ class PartialFC(nn.Module):
             if self.num_subcenters > 1:
                 cosine = cosine.view(batch, -1, self.num_subcenters).max(dim=2).values
             cosine = cosine.clamp(-1.0, 1.0)
-            extra = {}
+            extra: Dict[str, Any] = {}
             if getattr(self.margin, "needs_target_cosine", False):
                 extra["target_cosine"] = D.shared_target_cosine(cosine, local, group)
             if generator is not None:
@@ -262,6 +299,38 @@ class PartialFC(nn.Module):
                 plain = cosine * self.margin.s
                 logits = plain + (logits - plain).detach()
             return D.dist_cross_entropy(logits, local, group)
+
+    def _chunked_loss(self, embeddings: torch.Tensor, local: torch.Tensor, index: Optional[torch.Tensor],
+                      generator: Optional[torch.Generator]) -> torch.Tensor:
+        device = self.weight.device
+        stat_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        compute_dtype = self.weight.dtype
+        if torch.is_autocast_enabled(device.type) and self.weight.dtype == torch.float32:
+            compute_dtype = torch.get_autocast_dtype(device.type)
+        budget = self.chunk_memory_mb
+        if budget is None:
+            budget = C.DEFAULT_CHUNK_MB_CUDA if device.type == "cuda" else C.DEFAULT_CHUNK_MB_CPU
+        itemsize = torch.finfo(stat_dtype).bits // 8
+        chunk = C.chunk_classes(embeddings.shape[0], self.num_subcenters, itemsize, self.chunk_size, budget)
+        with torch.autocast(device_type=device.type, enabled=False):
+            x = embeddings.to(stat_dtype)
+            x_hat = F.normalize(x, dim=1)
+            step = C.Step(
+                margin=self.margin,  # a Margin: checked by uses_chunked_engine
+                labels=local,
+                norms=x.detach().norm(dim=1),
+                index=index,
+                num_local=self.num_local,
+                num_subcenters=self.num_subcenters,
+                chunk=chunk,
+                straight_through=self.straight_through,
+                generator=generator,
+                group=self.process_group,
+                compute_dtype=compute_dtype,
+                stat_dtype=stat_dtype,
+                criterion=C.SoftmaxCE(),
+            )
+            return C.chunked_margin_loss(x_hat, self.weight, step, update_margin=self.margin.training)
 
 
 def _gather_weight_hook(module: PartialFC, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -1,0 +1,1 @@
+"""Synthetic corpora with real identity structure, for tests and the quickstarts: faces and speech."""
