@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/quickstart
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint typecheck test test-fast clean
 
 install: $(STAMP)
 
@@ -20,7 +20,16 @@ demo: $(STAMP)
 	$(BIN)/mlearn eval --model $(RUN_DIR) --suite evaluation/quickstart.yaml
 	$(BIN)/mlearn export --model $(RUN_DIR) --format onnx
 
-test: $(STAMP)
+# ruff: lint + import order (config in pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check mlearn tests tools
+
+# mypy on the packages held to it (the list and settings are in pyproject.toml)
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# lint, types, then the tests and the doctests of mlearn/ (setup.cfg: testpaths, --doctest-modules)
+test: lint typecheck
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

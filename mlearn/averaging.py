@@ -74,8 +74,8 @@ def last_checkpoints(folder: PathLike, num: int, pattern: str = "*.ckpt", *,
         raise ValueError(f"num={num}: expected at least one checkpoint to average")
     paths = sorted(p for p in folder.glob(pattern) if not p.name.startswith("last"))
     if len(paths) < num:
-        raise ValueError(f"{folder}: {len(paths)} checkpoint(s) ({[p.name for p in paths]}), {num} requested; "
-                         "save more with ModelCheckpoint(save_top_k=-1, every_n_epochs=...)")
+        raise ValueError(f"{folder}: {len(paths)} checkpoint(s) ({[p.name for p in paths]}), {num} "
+                         "requested; save more with ModelCheckpoint(save_top_k=-1, every_n_epochs=...)")
     return order_checkpoints(list(paths), unsafe=unsafe)[-num:]
 
 

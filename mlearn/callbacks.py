@@ -21,12 +21,12 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from mlearn import _compat
 from mlearn.heads import distributed as D
-from mlearn.module import _unpack  # the one reader of the batch formats
+from mlearn.module import unpack_batch  # the one reader of the batch formats
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,9 @@ class Preempted(TrainingStopped):
     exit_code = PREEMPTED_EXIT_CODE
 
 
-def _sum_ranks(values: list, device: torch.device) -> list:
+def _sum_ranks(values: list) -> list:
     """Element-wise sum over all ranks of a short list of ints (a collective)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    tensor = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(tensor)
-    return [int(v) for v in tensor.tolist()]
+    return [int(v) for v in D.all_reduce_sum(torch.tensor(values, dtype=torch.long)).tolist()]
 
 
 def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
@@ -122,7 +118,7 @@ class FinalCheckpoint(pl.Callback):
         last = last_checkpoint_path(trainer)
         if last is None or trainer.global_step == 0:
             return
-        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step and last.is_file():
+        if _compat.last_global_step_saved(callback) == trainer.global_step and last.is_file():
             return
         trainer.save_checkpoint(last, weights_only=False)
         log.info("saved the final step %d to %s", trainer.global_step, last)
@@ -167,7 +163,7 @@ class NoUsableDataGuard(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         try:
-            _, labels, num_corrupt, _ = _unpack(batch)
+            _, labels, num_corrupt = unpack_batch(batch)
             good, corrupt = int(labels.numel()), int(num_corrupt)
         except (TypeError, ValueError, AttributeError):  # a batch format of another data module: usable
             good, corrupt = 1, 0
@@ -176,7 +172,7 @@ class NoUsableDataGuard(pl.Callback):
         self._corrupt += corrupt
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        batches, good, corrupt = _sum_ranks([self._batches, self._good, self._corrupt], pl_module.device)
+        batches, good, corrupt = _sum_ranks([self._batches, self._good, self._corrupt])
         if batches and not good:
             raise TrainingStopped(
                 f"no usable training sample in epoch {trainer.current_epoch}: all {corrupt} samples of its "

@@ -129,11 +129,14 @@ def export(argv: List[str]) -> int:
         "(exported vs PyTorch embeddings on a random batch; exit 1 above tolerance)."))
     parser.add_argument("--model", required=True, help="run dir or .ckpt")
     parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "safetensors"])
-    parser.add_argument("--output", default=None, help="output file (default: <run dir>/model[_fp16].onnx|.pt|.safetensors)")
+    parser.add_argument("--output", default=None,
+                        help="output file (default: <run dir>/model[_fp16].onnx|.pt|.safetensors)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument("--fp16", action="store_true",
-                        help="float16 weights and compute, float32 input/output (parity tolerance 1e-2 vs fp32)")
-    parser.add_argument("--parity-batch", type=positive_int, default=3, help="random inputs in the parity check")
+                        help="float16 weights and compute, float32 input/output (parity tolerance 1e-2 vs "
+                             "fp32)")
+    parser.add_argument("--parity-batch", type=positive_int, default=3,
+                        help="random inputs in the parity check")
     from mlearn.trust import add_trust_arguments
 
     add_trust_arguments(parser)
@@ -156,11 +159,14 @@ def embed(argv: List[str]) -> int:
         "Embed images (wav files for speaker models): writes OUT.npy (float32 [N, D], L2-normalised), "
         "OUT.ids.txt (one relative path "
         "per row) and OUT.errors.txt (unreadable inputs, skipped)."))
-    parser.add_argument("--model", required=True, help=".onnx, TorchScript .pt, .safetensors, run dir or .ckpt")
-    parser.add_argument("--input", required=True, help="image (or wav) folder, recursive, or list file of paths")
+    parser.add_argument("--model", required=True,
+                        help=".onnx, TorchScript .pt, .safetensors, run dir or .ckpt")
+    parser.add_argument("--input", required=True,
+                        help="image (or wav) folder, recursive, or list file of paths")
     parser.add_argument("--output", required=True, help="OUT.npy")
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: up to 4)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="image decoding threads (default: up to 4)")
     from mlearn.trust import add_trust_arguments
 
     add_trust_arguments(parser)
@@ -172,8 +178,10 @@ def embed(argv: List[str]) -> int:
     result, output = embed_to_files(model, args.input, args.output, batch_size=args.batch_size,
                                     workers=args.workers)
     stem = output.with_suffix("")
-    print(f"embedded {len(result.ids)} inputs -> {output} {tuple(result.embeddings.shape)}, ids in {stem}.ids.txt")
-    print(f"{len(result.errors)} unreadable inputs" + (f" listed in {stem}.errors.txt" if result.errors else ""))
+    print(f"embedded {len(result.ids)} inputs -> {output} {tuple(result.embeddings.shape)}, "
+          f"ids in {stem}.ids.txt")
+    listed = f" listed in {stem}.errors.txt" if result.errors else ""
+    print(f"{len(result.errors)} unreadable inputs{listed}")
     return 0
 
 
@@ -188,7 +196,7 @@ def data(argv: List[str]) -> int:
     convert.add_argument("dst")
     convert.add_argument("--to", required=True, choices=["rec", "folder"])
     args = parser.parse_args(argv)
-    from mlearn.data.inspect import convert_dataset, format_inspect_report, inspect_dataset
+    from mlearn.data.images.inspect import convert_dataset, format_inspect_report, inspect_dataset
 
     if args.action == "inspect":
         print(format_inspect_report(inspect_dataset(args.path, sample=args.sample)))
@@ -204,5 +212,6 @@ def _default_eval_dir(model: Path, suite: Path) -> Path:
     return base / "eval" / suite.stem
 
 
-COMMANDS: Dict[str, Callable[[List[str]], int]] = {"train": train, "eval": evaluate, "export": export, "embed": embed,
-                                                   "data": data}
+COMMANDS: Dict[str, Callable[[List[str]], int]] = {
+    "train": train, "eval": evaluate, "export": export, "embed": embed, "data": data,
+}

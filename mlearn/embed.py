@@ -20,7 +20,7 @@ from typing import Any, Deque, List, Optional, Tuple, Union
 
 import numpy as np
 
-from mlearn.inference import Embedder, l2_normalize, load_model, resize_image
+from mlearn.inference import Embedder, embed_batches, l2_normalize, load_model, resize_image
 
 PathLike = Union[str, Path]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -104,23 +104,24 @@ def embed_images(model: Union[Embedder, PathLike], root: PathLike, ids: Sequence
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file error, never fatal
             return rel, exc
 
-    chunks: List[np.ndarray] = []
     ids_out: List[str] = []
     errors: List[Tuple[str, str]] = []
     bar = tqdm(total=len(ids), unit="img", desc="embed", disable=None if progress is None else not progress)
-    id_batches = (list(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size))
-    with ThreadPoolExecutor(workers) as pool:
-        for batch in _prefetch(pool, decode, id_batches, depth=2):
-            good = [(rel, image) for rel, image in batch if isinstance(image, np.ndarray)]
-            errors += [(rel, _reason(exc)) for rel, exc in batch if not isinstance(exc, np.ndarray)]
-            if good:
-                chunks.append(embedder.embed(np.stack([image for _, image in good])).astype(np.float32))
-                ids_out += [rel for rel, _ in good]
-            bar.update(len(batch))
+
+    def readable_batches() -> Iterator[np.ndarray]:
+        id_batches = (list(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size))
+        with ThreadPoolExecutor(workers) as pool:
+            for batch in _prefetch(pool, decode, id_batches, depth=2):
+                good = [(rel, image) for rel, image in batch if isinstance(image, np.ndarray)]
+                errors.extend((rel, _reason(exc)) for rel, exc in batch if not isinstance(exc, np.ndarray))
+                bar.update(len(batch))
+                if good:
+                    ids_out.extend(rel for rel, _ in good)
+                    yield np.stack([image for _, image in good])
+
+    raw = embed_batches(embedder, readable_batches(), flip=False, dim=embedder.embedding_size)
     bar.close()
-    dim = embedder.embedding_size
-    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-    return EmbedResult(embeddings=embeddings, ids=ids_out, errors=errors)
+    return EmbedResult(embeddings=l2_normalize(raw), ids=ids_out, errors=errors)
 
 
 def _reason(exc: BaseException) -> str:
@@ -132,15 +133,15 @@ def embed_audio(model: Embedder, root: PathLike, ids: Sequence[str], batch_size:
                 progress: Optional[bool] = None) -> EmbedResult:
     """Whole utterances ``root / id`` (16 kHz mono wav/flac) -> the recorded Kaldi fbank front-end ->
     L2-normalised embeddings; unreadable files go to ``errors``."""
-    from mlearn.evaluation.speaker import embed_wavs
+    from mlearn.inference_audio import embed_wavs
 
     root = Path(root)
     vectors, ok, failures = embed_wavs(model, [root / rel for rel in ids], batch_size=batch_size,
                                        desc="embed", progress=progress is not False)
-    embeddings = l2_normalize(vectors["model"][ok]) if ok.any() else np.zeros((0, model.embedding_size), np.float32)
+    embeddings = l2_normalize(vectors["model"][ok]) if ok.any() else np.zeros((0, model.embedding_size))
     errors = [(rel, failures[str(root / rel)]) for rel, good in zip(ids, ok) if not good]
-    return EmbedResult(embeddings=embeddings.astype(np.float32), ids=[rel for rel, good in zip(ids, ok) if good],
-                       errors=errors)
+    return EmbedResult(embeddings=embeddings.astype(np.float32),
+                       ids=[rel for rel, good in zip(ids, ok) if good], errors=errors)
 
 
 def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_size: int = 64,
@@ -160,8 +161,8 @@ def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_si
     bad = int((~np.isfinite(result.embeddings)).any(axis=1).sum())
     if bad:  # nothing is written: NaN rows would look like embeddings to whoever reads OUT.npy
         named = getattr(model, "path", None) if isinstance(model, Embedder) else model
-        raise ValueError(f"{named or 'the model'}: its embeddings of {bad} of the {len(result.ids)} inputs contain "
-                         "NaN or inf (NaN weights, e.g. from a diverged run?); nothing written")
+        raise ValueError(f"{named or 'the model'}: its embeddings of {bad} of the {len(result.ids)} inputs "
+                         "contain NaN or inf (NaN weights, e.g. from a diverged run?); nothing written")
     output = Path(output)
     if output.suffix != ".npy":
         output = output.with_name(output.name + ".npy")
@@ -171,7 +172,7 @@ def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_si
     Path(f"{stem}.ids.txt").write_text("".join(f"{rel}\n" for rel in result.ids))
     Path(f"{stem}.errors.txt").write_text("".join(f"{rel}\t{reason}\n" for rel, reason in result.errors))
     if not result.ids:
-        from mlearn.data.corrupt import summarize_failures
+        from mlearn.data import summarize_failures
 
         kind = "audio files" if embedder.modality == "audio" else "images"
         raise ValueError(f"none of the {len(ids)} {kind} of {source} could be embedded: "

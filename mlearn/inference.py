@@ -16,10 +16,11 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Protocol, Tuple, Union
 
 import numpy as np
 
+from mlearn.input_spec import DEFAULT_IMAGE_SPEC
 from mlearn.trust import load_checkpoint, order_checkpoints, resolve_backbone_spec
 
 PathLike = Union[str, Path]
@@ -27,10 +28,6 @@ CHECKPOINT_NAMES = ("last.ckpt",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".jit", ".torchscript")
 TORCHSCRIPT_METADATA_FILE = "mlearn.json"
 
-DEFAULT_IMAGE_SPEC: Dict[str, Any] = {
-    "modality": "image", "input_size": [112, 112], "channels": "RGB",
-    "mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5],
-}
 
 
 # ---------------------------------------------------------------------------------- preprocessing
@@ -102,13 +99,44 @@ def preprocess_features(features: Any, spec: Dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of ``x`` [N, D] scaled to unit L2 norm (zero rows stay zero), in ``x``'s dtype.
+def l2_normalize(x: Any, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` [N, D] scaled to unit L2 norm (zero rows stay zero): the one row normaliser of
+    mlearn (inference, every evaluation protocol, ``mlearn embed``).
 
-    The norm is taken in float64: squaring raw float32 embeddings of an untrained network can overflow.
+    Float input keeps its dtype (other input becomes float64). Squared norms are summed in float64
+    (raw float32 embeddings of an untrained network can overflow float32) without a float64 copy of
+    ``x``; each row is multiplied by its reciprocal norm in ``x``'s dtype.
     """
-    norm = np.linalg.norm(x.astype(np.float64, copy=False), axis=1, keepdims=True)
-    return (x / np.maximum(norm, eps)).astype(x.dtype, copy=False)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    squared = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    scale = 1.0 / np.maximum(np.sqrt(squared), eps)
+    return x * scale.astype(x.dtype)[:, None]
+
+
+class SupportsEmbed(Protocol):
+    """Anything with ``embed(batch, normalize=False) -> [N, D]`` (an :class:`Embedder`, a test double)."""
+
+    def embed(self, batch: Any, normalize: bool = ...) -> Any: ...
+
+
+def embed_batches(model: SupportsEmbed, batches: Iterable[np.ndarray], flip: bool = False,
+                  dim: int = 0) -> np.ndarray:
+    """Raw (unnormalised) float32 embeddings [N, D] of uint8 image batches [B, H, W, 3], in order.
+
+    The one flip-fusion path (suite protocols, the training callback, ``mlearn embed``): with
+    ``flip`` the embedding of the horizontally mirrored batch is added before any normalisation
+    (insightface's flip fusion). ``dim``: the width of the empty result when ``batches`` is empty.
+    """
+    chunks = []
+    for batch in batches:
+        emb = np.asarray(model.embed(batch, normalize=False), np.float32)
+        if flip:
+            mirrored = np.ascontiguousarray(batch[:, :, ::-1])
+            emb = emb + np.asarray(model.embed(mirrored, normalize=False), np.float32)
+        chunks.append(emb)
+    return np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
 
 
 # -------------------------------------------------------------------------------------- embedders

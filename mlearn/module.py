@@ -3,28 +3,24 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
-from mlearn.data.batches import UnmirroredBatch
-from mlearn.data.transforms import normalize_images
+from mlearn import _compat
 from mlearn.heads import Margin, PartialFC
 from mlearn.heads import distributed as D
+from mlearn.resume import rng_state_to_restore, save_rng_states, set_rng_state
+from mlearn.schedules import DEFAULT_SCHEDULE, LRSchedule, Schedule
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
-ScheduleName = Literal["poly", "cosine", "constant", "exponential", "step"]
-_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -43,79 +39,6 @@ class HeadConfig:
     sample_rate: float = 1.0
     num_subcenters: int = 1
     straight_through: bool = False
-
-
-# ------------------------------------------------------------------------------ learning-rate schedule
-
-
-@dataclass
-class Schedule:
-    """Learning-rate factor of optimizer step ``t`` (0-based): ``warmup(t) * decay(t)``.
-
-    ``warmup(t) = min((t + 1) / warmup_steps, 1)`` (1 without warmup); ``decay`` is the registered
-    function named ``kind`` (see :data:`DECAYS`).
-
-    >>> s = Schedule("poly", total_steps=10, warmup_steps=2)
-    >>> [round(s(t), 3) for t in (0, 1, 2, 6, 9)]
-    [0.5, 1.0, 1.0, 0.25, 0.016]
-    """
-
-    kind: str
-    total_steps: int
-    warmup_steps: int = 0
-    steps_per_epoch: int = 1
-    poly_power: float = 2.0
-    final_lr_ratio: float = 1.0e-3
-    milestones: Sequence[float] = ()
-    gamma: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.kind not in DECAYS:
-            raise KeyError(f"unknown learning-rate schedule '{self.kind}'; known: {sorted(DECAYS)}")
-        if self.total_steps < 1 or self.warmup_steps < 0 or self.steps_per_epoch < 1:
-            raise ValueError(f"schedule steps: total={self.total_steps}, warmup={self.warmup_steps}, "
-                             f"per epoch={self.steps_per_epoch}: expected positive counts (warmup >= 0)")
-        self.milestones = [float(m) for m in self.milestones]
-
-    def progress(self, step: int) -> float:
-        """Fraction of the post-warmup steps done before ``step``, in [0, 1]."""
-        span = max(self.total_steps - self.warmup_steps, 1)
-        return min(max(step - self.warmup_steps, 0) / span, 1.0)
-
-    def __call__(self, step: int) -> float:
-        warm = min((step + 1) / self.warmup_steps, 1.0) if self.warmup_steps > 0 else 1.0
-        return warm * DECAYS[self.kind](self, step)
-
-
-def _poly(s: Schedule, step: int) -> float:
-    return (1.0 - s.progress(step)) ** s.poly_power
-
-
-def _cosine(s: Schedule, step: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * s.progress(step)))
-
-
-def _constant(s: Schedule, step: int) -> float:
-    return 1.0
-
-
-def _exponential(s: Schedule, step: int) -> float:
-    if not 0.0 < s.final_lr_ratio:
-        raise ValueError(f"final_lr_ratio={s.final_lr_ratio}: expected a positive ratio")
-    return s.final_lr_ratio ** (min(step, s.total_steps) / s.total_steps)
-
-
-def _step(s: Schedule, step: int) -> float:
-    epoch = step // s.steps_per_epoch
-    return s.gamma ** sum(1 for m in s.milestones if epoch >= m)
-
-
-DECAYS: Dict[str, Callable[[Schedule, int], float]] = {
-    "poly": _poly, "cosine": _cosine, "constant": _constant, "exponential": _exponential, "step": _step,
-}
-
-
-# ------------------------------------------------------------------------------------------ module
 
 
 class EmbeddingModule(pl.LightningModule):
@@ -145,23 +68,11 @@ class EmbeddingModule(pl.LightningModule):
     :meth:`on_after_backward` makes a non-finite center gradient on any rank non-finite on every
     rank, and every rank skips (and lowers its scale) together.
 
-    Learning rate: the optimizer's lr times a per-step factor, a linear warmup over
-    ``warmup_epochs`` then ``schedule`` (:class:`Schedule`):
+    Learning rate: the optimizer's lr times the per-step factor of ``schedule`` (warmup then decay; see
+    :mod:`mlearn.schedules`), recomputed from the current config on resume.
 
-    - ``poly``: ``(1 - p)^poly_power``, ``p`` the progress after warmup (arcface_torch's PolyScheduler);
-    - ``cosine``: ``(1 + cos(pi p)) / 2``;
-    - ``constant``: 1;
-    - ``exponential``: ``final_lr_ratio^(t / T)`` over the whole run (t: step, T: total steps), so
-      from the optimizer's lr to ``lr * final_lr_ratio`` at the last step, times the warmup ramp
-      during warmup (WeSpeaker's ``ExponentialDecrease``; its VoxCeleb recipes go 0.1 -> 5e-5,
-      ``final_lr_ratio: 5.0e-4``, over 150 epochs with 6 warmup epochs);
-    - ``step``: ``lr_gamma^k`` once ``k`` of ``lr_milestones`` are reached; a milestone ``m`` counts
-      from the first step of 0-based epoch ``m`` (``MultiStepLR(milestones)`` stepped every epoch).
-
-    Resume: checkpoints also hold every rank's random-number state, restored at train start when the
-    rank count matches, and (through the data module) the sample position, so ``--ckpt_path``
-    continues a run as if it had not stopped. The schedule is recomputed from the current config, so a
-    run resumed with a larger ``max_epochs`` decays towards the new end.
+    Resume: checkpoints also hold every rank's random-number state and (through the data module) the
+    sample position (:mod:`mlearn.resume`), so ``--ckpt_path`` continues a run as if it had not stopped.
 
     Args:
         backbone: input [B, ...] -> embeddings [B, D]; must expose ``embedding_size``.
@@ -171,8 +82,7 @@ class EmbeddingModule(pl.LightningModule):
         head_weight_decay: weight decay of the class centers (``None``: the optimizer's).
         norm_weight_decay: weight decay of the backbone's BatchNorm/LayerNorm/GroupNorm parameters
             (``None``: the optimizer's; AdaFace uses 0).
-        schedule, poly_power, warmup_epochs, final_lr_ratio, lr_milestones, lr_gamma: see above;
-            ``warmup_epochs`` may be fractional.
+        schedule: the learning-rate schedule (``model.schedule: {decay: poly, warmup_epochs: 2}``).
         clip_backbone_grad_norm: before every optimizer step, clip the backbone's gradients to this
             global L2 norm (arcface_torch and ElasticFace: 5); the class centers are not clipped.
     """
@@ -185,26 +95,16 @@ class EmbeddingModule(pl.LightningModule):
         optimizer: OptimizerFactory = default_optimizer,
         head_weight_decay: Optional[float] = None,
         norm_weight_decay: Optional[float] = None,
-        schedule: ScheduleName = "poly",
-        poly_power: float = 2.0,
-        warmup_epochs: float = 0.0,
-        final_lr_ratio: float = 1.0e-3,
-        lr_milestones: Optional[List[float]] = None,
-        lr_gamma: float = 0.1,
+        schedule: LRSchedule = DEFAULT_SCHEDULE,
         clip_backbone_grad_norm: Optional[float] = None,
     ) -> None:
         super().__init__()
         # From LightningCLI the hparams are the config (class_path + init_args), which rebuilds the
         # backbone on load; from Python the backbone instance is saved in the state dict only.
-        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["backbone"])
-        if schedule not in DECAYS:
-            raise KeyError(f"unknown learning-rate schedule '{schedule}'; known: {sorted(DECAYS)}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs={warmup_epochs}: expected >= 0")
-        if schedule == "exponential" and final_lr_ratio <= 0:
-            raise ValueError(f"final_lr_ratio={final_lr_ratio}: expected a positive ratio")
-        if schedule == "step" and not lr_milestones:
-            raise ValueError("schedule 'step' needs lr_milestones (epochs), e.g. [12, 20, 24]")
+        self.save_hyperparameters(ignore=None if _compat.built_by_cli() else ["backbone"])
+        if not isinstance(schedule, LRSchedule):
+            raise TypeError(f"schedule={schedule!r}: expected an LRSchedule, e.g. "
+                            f"LRSchedule('poly', warmup_epochs=2) (model.schedule.decay in a config)")
         if clip_backbone_grad_norm is not None and clip_backbone_grad_norm <= 0:
             raise ValueError(f"clip_backbone_grad_norm={clip_backbone_grad_norm}: expected a positive norm")
         if num_classes != 0:  # 0: not linked yet (the CLI links it from the data)
@@ -216,11 +116,6 @@ class EmbeddingModule(pl.LightningModule):
         self.head_weight_decay = head_weight_decay
         self.norm_weight_decay = norm_weight_decay
         self.schedule = schedule
-        self.poly_power = poly_power
-        self.warmup_epochs = warmup_epochs
-        self.final_lr_ratio = final_lr_ratio
-        self.lr_milestones = list(lr_milestones or [])
-        self.lr_gamma = lr_gamma
         self.clip_backbone_grad_norm = clip_backbone_grad_norm
         self.head: Optional[PartialFC] = None
         self._corrupt_in_epoch = 0
@@ -240,28 +135,27 @@ class EmbeddingModule(pl.LightningModule):
         self.head = PartialFC(cfg.margin, self.embedding_size, self.num_classes, sample_rate=cfg.sample_rate,
                               num_subcenters=cfg.num_subcenters, straight_through=cfg.straight_through)
         sharded = self.head.sharded_parameter_names() + self.head.sharded_buffer_names()
-        ignored = [f"head.{name}" for name in sharded]
         # DDP must neither broadcast nor average the per-rank shards.
-        self._ddp_params_and_buffers_to_ignore = ignored
+        _compat.ignore_in_ddp(self, [f"head.{name}" for name in sharded])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] (or the backbone's input) -> embeddings [B, D]."""
         return self.backbone(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
-        images, labels, num_corrupt, mirror = _unpack(batch)
+        images, labels, num_corrupt = unpack_batch(batch)
         self._corrupt_in_epoch += num_corrupt
         if not D.all_ranks_true(labels.numel() > 0):  # collective: every rank takes the same decision
             return self._skip_batch(labels.numel() == 0, num_corrupt)
         self._samples_in_window = True
         assert self.head is not None
-        if self._trainer is not None:
+        if _compat.attached_trainer(self) is not None:
             # negative sampling keyed by the step (and micro-batch): the same draws after a resume
             accumulate = max(int(self.trainer.accumulate_grad_batches), 1)
             self.head.sample_step = self.global_step * accumulate + batch_idx % accumulate
-        loss = self.head(self.backbone(normalize_images(images, mirror)), labels)
+        loss = self.head(self.backbone(images), labels)
         self.log("train/loss", loss, prog_bar=True)
-        if self._trainer is not None and self.trainer.optimizers:
+        if _compat.attached_trainer(self) is not None and self.trainer.optimizers:
             self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]))
         self._log_throughput(images.shape[0])
         return loss
@@ -297,7 +191,7 @@ class EmbeddingModule(pl.LightningModule):
         Lightning's MixedPrecision runs the closure (backward, then this hook, after DDP's all-reduce)
         and only then ``scaler.unscale_``, which records the found-inf that ``scaler.step`` obeys.
         """
-        if self._trainer is None or self.head is None or not D.is_distributed():
+        if _compat.attached_trainer(self) is None or self.head is None or not D.is_distributed():
             return
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # fp16 loss scaling
             sync_nonfinite_grads(self.head.parameters(), self.parameters())
@@ -305,16 +199,12 @@ class EmbeddingModule(pl.LightningModule):
     def _log_throughput(self, batch_size: int) -> None:
         now = time.perf_counter()
         if self._tic is not None:
-            world = self.trainer.world_size if self._trainer is not None else 1
+            world = self.trainer.world_size if _compat.attached_trainer(self) is not None else 1
             self.log("train/images_per_sec", batch_size * world / max(now - self._tic, 1e-9), prog_bar=True)
         self._tic = now
 
     def on_train_epoch_end(self) -> None:
-        corrupt = self._corrupt_in_epoch
-        if dist.is_available() and dist.is_initialized():
-            count = torch.tensor([corrupt], dtype=torch.long, device=self.device)
-            dist.all_reduce(count)
-            corrupt = int(count.item())
+        corrupt = int(D.all_reduce_sum(torch.tensor([self._corrupt_in_epoch], dtype=torch.long)).item())
         if corrupt:
             log.warning("epoch %d: skipped %d corrupt or unreadable samples", self.current_epoch, corrupt)
         self.log("train/corrupt_samples", float(corrupt))
@@ -326,7 +216,7 @@ class EmbeddingModule(pl.LightningModule):
         self._corrupt_in_epoch = 0
 
     def _records_dropped_at_open(self) -> int:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(_compat.attached_trainer(self), "datamodule", None)
         return int(getattr(getattr(datamodule, "dataset", None), "num_dropped_at_open", 0) or 0)
 
     def on_fit_start(self) -> None:
@@ -340,14 +230,14 @@ class EmbeddingModule(pl.LightningModule):
                     "supports plain DDP only (strategy: ddp, ddp_spawn or DDPStrategy): it sums the backbone "
                     "gradients with its own DDP communication hook and keeps the sharded class centers out "
                     "of the wrapper")
-            if getattr(strategy, "_ddp_comm_hook", None) is not None:
+            if _compat.ddp_comm_hook(strategy) is not None:
                 raise ValueError("EmbeddingModule installs its own DDP communication hook (gradient sum); "
                                  "remove strategy.ddp_comm_hook")
             wrapped.register_comm_hook(state=None, hook=_allreduce_sum)
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is not None:
-            _set_rng_state(self._rng_to_restore, self.device)
+            set_rng_state(self._rng_to_restore, self.device)
             self._rng_to_restore = None
         self._tic = None
 
@@ -360,7 +250,7 @@ class EmbeddingModule(pl.LightningModule):
         assert self.head is not None
         norm_ids = set()
         if self.norm_weight_decay is not None:
-            norm_ids = {id(p) for m in self.backbone.modules() if isinstance(m, _NORM_LAYERS)
+            norm_ids = {id(p) for m in self.backbone.modules() if isinstance(m, _compat.NORM_LAYERS)
                         for p in m.parameters(recurse=False)}
         backbone = [p for p in self.backbone.parameters() if id(p) not in norm_ids]
         groups: List[Dict[str, Any]] = [{"params": backbone}]
@@ -379,7 +269,7 @@ class EmbeddingModule(pl.LightningModule):
         # write, hold empty placeholders.
         self._map_sharded_optimizer_state(checkpoint, lambda head, rows: head.gather_rows(rows),
                                           gathered=False)
-        checkpoint["rng_states"] = _gather_rng_states(self.device)  # collective: every rank saves
+        save_rng_states(checkpoint, self.device)  # collective: every rank saves
         if self.head is not None:
             checkpoint["partial_fc_sample_seed"] = self.head.sample_seed
 
@@ -388,13 +278,7 @@ class EmbeddingModule(pl.LightningModule):
                                           gathered=True)
         if self.head is not None and "partial_fc_sample_seed" in checkpoint:
             self.head.sample_seed = int(checkpoint["partial_fc_sample_seed"])
-        states = checkpoint.get("rng_states")
-        rank, world = _rank_and_world()
-        if states and len(states) == world:
-            self._rng_to_restore = states[rank]
-        elif states:
-            log.warning("checkpoint saved on %d ranks, resuming on %d: random streams (dropout, stochastic "
-                        "margins) restart from this run's seed", len(states), world)
+        self._rng_to_restore = rng_state_to_restore(checkpoint)
 
     def _map_sharded_optimizer_state(self, checkpoint: Dict[str, Any],
                                      fn: Callable[[Any, torch.Tensor], Any], gathered: bool) -> None:
@@ -426,7 +310,7 @@ class EmbeddingModule(pl.LightningModule):
         if trainer.num_training_batches == float("inf"):
             # with max_steps, estimated_stepping_batches does not load the data: load it (idempotent;
             # what estimated_stepping_batches does with max_epochs)
-            trainer.fit_loop.setup_data()
+            _compat.setup_train_data(trainer)
         batches = trainer.num_training_batches
         if not isinstance(batches, int) or batches <= 0:  # an iterable without length
             return max(int(trainer.estimated_stepping_batches), 1)
@@ -434,11 +318,7 @@ class EmbeddingModule(pl.LightningModule):
 
     def build_schedule(self, total_steps: int, steps_per_epoch: int) -> Schedule:
         """The per-step lr factor for a run of ``total_steps`` optimizer steps."""
-        return Schedule(self.schedule, total_steps=max(int(total_steps), 1),
-                        warmup_steps=int(self.warmup_epochs * steps_per_epoch),
-                        steps_per_epoch=steps_per_epoch,
-                        poly_power=self.poly_power, final_lr_ratio=self.final_lr_ratio,
-                        milestones=self.lr_milestones, gamma=self.lr_gamma)
+        return self.schedule.per_step(total_steps, steps_per_epoch)
 
     def configure_optimizers(self) -> Dict[str, Any]:
         optimizer = self.optimizer_factory(self._param_groups())
@@ -478,55 +358,19 @@ def sync_nonfinite_grads(local: Iterable[nn.Parameter], params: Iterable[nn.Para
     return True
 
 
-def _unpack(batch: Any) -> tuple:
-    """``(images, labels, num_corrupt, mirror flags or None)`` of an :class:`UnmirroredBatch`, an
-    ``(images, labels, num_corrupt)`` batch or an ``(images, labels)`` pair."""
-    if isinstance(batch, UnmirroredBatch):
-        return batch.images, batch.labels, int(batch.num_corrupt), batch.mirror
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(inputs, labels, num_corrupt)`` of a training batch: an ``(inputs, labels, num_corrupt)``
+    batch as the data modules give it after their device-side step (``on_after_batch_transfer``), or
+    an ``(inputs, labels)`` pair (nothing corrupt)."""
     if len(batch) == 3:
-        images, labels, num_corrupt = batch
-        return images, labels, int(num_corrupt), None
-    images, labels = batch
-    return images, labels, 0, None
-
-
-def _rank_and_world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _rng_state(device: torch.device) -> Dict[str, Any]:
-    """This process's random-number state, in types that ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": numpy_state}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _gather_rng_states(device: torch.device) -> List[Dict[str, Any]]:
-    """Every rank's random-number state, in rank order (a collective call when distributed)."""
-    state = _rng_state(device)
-    _, world = _rank_and_world()
-    if world == 1:
-        return [state]
-    states: List[Any] = [None] * world
-    dist.all_gather_object(states, state)
-    return states
+        inputs, labels, num_corrupt = batch
+        return inputs, labels, int(num_corrupt)
+    if len(batch) != 2:
+        raise ValueError(f"a training batch is (inputs, labels[, num_corrupt]); got {len(batch)} fields "
+                         f"({type(batch).__name__}: image batches are mirrored and normalised by "
+                         "FaceDataModule.on_after_batch_transfer)")
+    inputs, labels = batch
+    return inputs, labels, 0
 
 
 def _allreduce_sum(state, bucket):  # type: ignore[no-untyped-def]

@@ -26,7 +26,6 @@ import csv
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -41,10 +40,10 @@ from pytorch_lightning import LightningDataModule, Trainer
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from mlearn import _compat
 from mlearn.callbacks import (
     FinalCheckpoint,
     NonFiniteLossGuard,
@@ -52,6 +51,7 @@ from mlearn.callbacks import (
     Preempted,
     PreemptionCheckpoint,
 )
+from mlearn.config_errors import describe_parse_error
 from mlearn.errors import UsageError
 from mlearn.module import EmbeddingModule
 from mlearn.trust import checkpoint_safe_globals, load_checkpoint
@@ -88,7 +88,7 @@ class MLearnCLI(LightningCLI):
                             help="build the model, data and trainer, print a summary and exit without "
                                  "training")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # the run dir owns its checkpoints: overwrite (no last-v1.ckpt), so that --ckpt_path last is the newest
+        # the run dir owns its checkpoints: overwrite (no last-v1.ckpt), so --ckpt_path last is the newest
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
         parser.link_arguments("run_dir", "trainer.default_root_dir")
         parser.link_arguments("run_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
@@ -106,8 +106,8 @@ class MLearnCLI(LightningCLI):
             raise UsageError(message) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        run_dir = Path(self._get(self.config, "run_dir"))
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        run_dir = Path(_compat.cli_value(self, self.config, "run_dir"))
+        trainer_config = _compat.cli_value(self, self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = [RunCSVLogger(run_dir), TensorBoardLogger(run_dir, name="", version="")]
         trainer = super().instantiate_trainer(**kwargs)
@@ -120,7 +120,7 @@ class MLearnCLI(LightningCLI):
         return trainer
 
 
-class _HistoryWriter(ExperimentWriter):
+class _HistoryWriter(_compat.KeepableExperimentWriter):
     """A metrics.csv writer that, on resume, appends to the earlier rows instead of deleting them, dropping
     the rows of steps at or after ``resume_step`` (steps that run again)."""
 
@@ -128,10 +128,9 @@ class _HistoryWriter(ExperimentWriter):
         self._resume_step = resume_step
         super().__init__(log_dir)
 
-    def _check_log_dir_exists(self) -> None:
+    def keep_existing(self) -> bool:
         if self._resume_step is None or not Path(self.metrics_file_path).is_file():
-            super()._check_log_dir_exists()
-            return
+            return False
         path = Path(self.metrics_file_path)
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -142,6 +141,7 @@ class _HistoryWriter(ExperimentWriter):
             writer.writeheader()
             writer.writerows(kept)
         self.metrics_keys = keys  # the file's header, in its order: appended rows must match it
+        return True
 
 
 def _step_at_or_after(value: Optional[str], step: int) -> bool:
@@ -161,11 +161,12 @@ class RunCSVLogger(CSVLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
+    def experiment(self) -> _HistoryWriter:
+        def make() -> _HistoryWriter:
             Path(self.root_dir).mkdir(parents=True, exist_ok=True)
-            self._experiment = _HistoryWriter(self.log_dir, self.resume_step)
-        return self._experiment
+            return _HistoryWriter(self.log_dir, self.resume_step)
+
+        return _compat.cached_experiment(self, make)
 
 
 def run_training(argv: List[str]) -> int:
@@ -446,7 +447,7 @@ def describe_run(model: EmbeddingModule, datamodule: Any, trainer: Trainer) -> s
         total = plan["total_steps"]
         marks = sorted({0, schedule.warmup_steps, total // 4, total // 2, 3 * total // 4, total - 1})
         lrs = ", ".join(f"{t}: {base_lr * schedule(t):.3g}" for t in marks if 0 <= t < total)
-        lines.append(f"schedule      {model.schedule}, warmup {schedule.warmup_steps} steps; "
+        lines.append(f"schedule      {model.schedule.decay}, warmup {schedule.warmup_steps} steps; "
                      f"lr at step {lrs}")
     return "\n".join(lines)
 
@@ -455,57 +456,3 @@ def _group_settings(optimizer: Any) -> str:
     group = optimizer.param_groups[0]
     keys = [k for k in ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov") if k in group]
     return ", ".join(f"{k}={group[k]}" for k in keys)
-
-
-def describe_parse_error(parser: Any, message: str) -> str:
-    """One line from jsonargparse's multi-line error, plus the valid choices for the offending key."""
-    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
-    text = "; ".join(dict.fromkeys(lines))
-    key = _offending_key(message)
-    if key is None:
-        return text
-    bad_class = (re.search(r"Expected a dot import path string: (\S+)", message)
-                 or re.search(r"Problem with given class_path '([^']+)':\s+module", message))
-    if key.endswith("margin") and bad_class:
-        from mlearn.heads.margins import MARGINS
-
-        classes = sorted({f"mlearn.heads.{MARGINS.get(name).__name__}" for name in MARGINS.names()})
-        return (f"{key}: unknown margin '{bad_class.group(1)}'; known: {classes} "
-                f"(short names also work, e.g. CosFace; registry names: {MARGINS.names()})")
-    if key.endswith("backbone") and bad_class:
-        from mlearn.models import list_backbones
-
-        return (f"{key}: unknown backbone class '{bad_class.group(1)}'; give a class_path such as "
-                f"mlearn.models.IResNet or mlearn.models.TimmBackbone (registered backbones: {list_backbones()})")
-    bad_option = re.search(r"Option '(\w+)' is not accepted", message)
-    classes = re.findall(r"class_path '([^']+)'", message)
-    if bad_option and classes:
-        return f"{key}: {classes[-1]} has no argument '{bad_option.group(1)}'; accepted: {_init_args(classes[-1])}"
-    parent = key.rpartition(".")[0]
-    if "unrecognized" in text or "not expected" in text:
-        children = sorted({a.dest[len(parent) + 1:].split(".")[0] for a in parser._actions
-                           if parent and a.dest.startswith(parent + ".")})
-        if children:
-            return f"{text} (valid keys under '{parent}': {children})"
-    return text
-
-
-def _offending_key(message: str) -> Optional[str]:
-    """The full dotted key: jsonargparse nests relative keys (``model.head`` then ``margin``)."""
-    keys = re.findall(r'(?:Parser key|Key) "([\w.]+)"', message)
-    if not keys:
-        match = re.search(r"--([\w.]+)", message)
-        return match.group(1) if match else None
-    full = keys[0]
-    for key in keys[1:]:
-        full = key if key.startswith(full) else f"{full}.{key}"
-    return full
-
-
-def _init_args(class_path: str) -> List[str]:
-    import importlib
-    import inspect
-
-    module, _, name = class_path.rpartition(".")
-    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-    return [p for p in params if p != "self"]

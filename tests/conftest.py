@@ -1,4 +1,4 @@
-"""Shared test fixtures: deterministic seeding, small thread count for 2-core CI machines."""
+"""Shared test fixtures: every test starts from the same seeds (python, numpy, torch)."""
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
-"""Tiny training sets written by the tests: ``write_palette_rec(root, ...)`` -> an insightface RecordIO folder."""
+"""Tiny training sets written by the tests: ``write_palette_rec(root, ...)`` -> an insightface RecordIO
+folder."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mlearn.data.recordio import RecordIOWriter
+from mlearn.data.images.recordio import RecordIOWriter
 
 
 def write_palette_rec(root: Path, classes: int, per_class: int, size: int, seed: int = 0, grid: int = 3,

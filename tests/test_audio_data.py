@@ -1,5 +1,4 @@
-"""Speaker audio data: readers, crops, corrupt files, augmentation, speed perturbation, data module,
-margin schedule and checkpoint averaging."""
+"""Speaker audio data: readers, crops, corrupt files, augmentation, speed perturbation, data module."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,25 +7,12 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 
-from mlearn.averaging import average_checkpoints, average_state_dicts, last_checkpoints
-from mlearn.data.audio import (
-    SpeakerAudioDataset,
-    crop_or_pad,
-    open_audio_dataset,
-    read_kaldi_lists,
-    scan_speaker_folder,
-)
-from mlearn.data.audio_augment import (
-    NoiseSource,
-    ReverbOrNoise,
-    RirSource,
-    add_noise,
-    reverberate,
-    speed_perturb,
-)
+from mlearn.data.audio.augment import NoiseSource, ReverbOrNoise, RirSource, add_noise, reverberate
+from mlearn.data.audio.datamodule import SpeakerDataModule
+from mlearn.data.audio.dataset import SpeakerAudioDataset, open_audio_dataset
+from mlearn.data.audio.io import crop_or_pad, speed_perturb
+from mlearn.data.audio.lists import read_kaldi_lists, scan_speaker_folder
 from mlearn.data.corrupt import CorruptSampleError, collate_skip_corrupt
-from mlearn.data.speaker_datamodule import SpeakerDataModule
-from mlearn.margin_schedule import MarginScheduler, margin_at
 
 FS = 16000
 
@@ -267,112 +253,6 @@ def test_datamodule_fbank_on_device_batched(vox, musan):
     assert dm.on_after_batch_transfer(empty, 0) is empty
 
 
-# ---------------------------------------------------------------------------- margin schedule
-
-
-def test_margin_schedule_values():
-    kw = dict(steps_per_epoch=100, initial_margin=0.0, final_margin=0.2, increase_start_epoch=20,
-              fix_start_epoch=40)
-    assert margin_at(0, **kw) == 0.0
-    assert margin_at(1899, **kw) == 0.0  # epoch 19 (1-based) still at the initial margin
-    assert margin_at(1900, **kw) == 0.0  # the ramp starts at 0
-    assert margin_at(2900, **kw) == pytest.approx(0.2 * (1 - 10 ** -1.5))  # half-way: 0.1937
-    assert margin_at(2000, **kw) == pytest.approx(0.2 * (1 - 10 ** -0.15))
-    assert margin_at(3899, **kw) == pytest.approx(0.2 * (1 - 10 ** (-3 * 1999 / 2000)))
-    assert margin_at(3900, **kw) == 0.2 and margin_at(10 ** 6, **kw) == 0.2
-    assert margin_at(2900, increase_type="linear", **kw) == pytest.approx(0.1)
-    values = [margin_at(s, **kw) for s in range(1900, 3901, 50)]
-    assert all(b >= a for a, b in zip(values, values[1:]))
-
-
-def test_margin_scheduler_callback_sets_the_head_margin():
-    callback = MarginScheduler(0.0, 0.2, increase_start_epoch=2, fix_start_epoch=4)
-    margin = SimpleNamespace(m=0.5)
-    logged = {}
-    module = SimpleNamespace(head=SimpleNamespace(margin=margin), log=lambda k, v, **_: logged.update({k: v}))
-    trainer = SimpleNamespace(num_training_batches=10, accumulate_grad_batches=1, global_step=0, current_epoch=0)
-    for step, expected in [(0, 0.0), (9, 0.0), (10, 0.0), (20, 0.2 * (1 - 10 ** -1.5)), (30, 0.2), (99, 0.2)]:
-        trainer.global_step = step
-        callback.on_train_batch_start(trainer, module, None, 0)
-        assert margin.m == pytest.approx(expected) and logged["train/margin"] == pytest.approx(expected)
-    per_epoch = MarginScheduler(0.0, 0.2, 2, 4, increase_type="linear", interval="epoch")
-    trainer.global_step, trainer.current_epoch = 25, 2  # mid-epoch: the epoch's start value
-    per_epoch.on_train_batch_start(trainer, module, None, 5)
-    assert margin.m == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="no attribute 'm'"):
-        callback.on_train_batch_start(trainer, SimpleNamespace(head=SimpleNamespace(margin=object())), None, 0)
-
-
-# ------------------------------------------------------------------------------------ averaging
-
-
-def _checkpoint(seed, epoch):
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    net[1].num_batches_tracked += epoch
-    return {"state_dict": net.state_dict(), "epoch": epoch, "global_step": 10 * epoch,
-            "hyper_parameters": {"tag": epoch}, "optimizer_states": [{"x": 1}]}
-
-
-def test_checkpoint_averaging_is_the_mean(tmp_path):
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    checkpoints = {epoch: _checkpoint(epoch, epoch) for epoch in (2, 10, 9, 1)}
-    for epoch, ckpt in checkpoints.items():  # names sort differently from epochs: epoch=10 < epoch=2
-        torch.save(ckpt, folder / f"epoch={epoch}.ckpt")
-    torch.save(checkpoints[10], folder / "last.ckpt")
-    chosen = last_checkpoints(folder, 3)
-    assert [p.name for p in chosen] == ["epoch=2.ckpt", "epoch=9.ckpt", "epoch=10.ckpt"]
-    out = average_checkpoints(chosen, tmp_path / "avg.ckpt")
-    saved = torch.load(tmp_path / "avg.ckpt", weights_only=False)
-    for key in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
-        mean = sum(checkpoints[e]["state_dict"][key] for e in (2, 9, 10)) / 3
-        assert torch.allclose(saved["state_dict"][key], mean, atol=1e-7)
-    assert saved["state_dict"]["1.num_batches_tracked"].item() == 10  # integers: from the newest
-    assert saved["hyper_parameters"] == {"tag": 10} and "optimizer_states" not in saved
-    assert saved["averaged_from"] == ["epoch=2.ckpt", "epoch=9.ckpt", "epoch=10.ckpt"]
-    assert out["epoch"] == 10
-    plain = average_state_dicts([checkpoints[1]["state_dict"], checkpoints[2]["state_dict"]])
-    assert torch.allclose(plain["0.weight"], (checkpoints[1]["state_dict"]["0.weight"]
-                                              + checkpoints[2]["state_dict"]["0.weight"]) / 2)
-    with pytest.raises(ValueError, match="4 checkpoint"):
-        last_checkpoints(folder, 5)
-    bad = {"state_dict": {"other": torch.zeros(1)}}
-    torch.save(bad, tmp_path / "bad.ckpt")
-    with pytest.raises(ValueError, match="different keys"):
-        average_checkpoints([folder / "epoch=1.ckpt", tmp_path / "bad.ckpt"])
-
-
-def test_average_checkpoints_tool(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "average_checkpoints_tool", Path(__file__).resolve().parents[1] / "tools" / "average_checkpoints.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    for epoch in (1, 2):
-        torch.save(_checkpoint(epoch, epoch), tmp_path / f"e{epoch}.ckpt")
-    assert tool.main(["--dir", str(tmp_path), "--num", "2", "--output", str(tmp_path / "out" / "avg.ckpt")]) == 0
-    assert (tmp_path / "out" / "avg.ckpt").is_file() and "averaged 2 checkpoints" in capsys.readouterr().out
-    assert tool.main(["--ckpts", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "x.ckpt")]) == 2
-    assert "missing.ckpt" in capsys.readouterr().err
-
-
-def test_load_weights_callback_initialises_but_never_overrides_a_resume(tmp_path):
-    from mlearn.averaging import LoadWeights
-
-    source, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    torch.save({"state_dict": source.state_dict(), "epoch": 4}, tmp_path / "avg.ckpt")
-    before = target.weight.detach().clone()
-    LoadWeights(str(tmp_path / "avg.ckpt")).on_fit_start(SimpleNamespace(ckpt_path="last.ckpt"), target)
-    assert torch.equal(target.weight, before)  # resuming: the resumed weights stay
-    LoadWeights(str(tmp_path / "avg.ckpt")).on_fit_start(SimpleNamespace(ckpt_path=None), target)
-    assert torch.equal(target.weight, source.weight) and torch.equal(target.bias, source.bias)
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        LoadWeights(str(tmp_path / "nope.ckpt")).on_fit_start(SimpleNamespace(ckpt_path=None), target)
-
-
 def test_m4a_only_folder_asks_for_conversion(tmp_path):
     (tmp_path / "id00001" / "v").mkdir(parents=True)
     (tmp_path / "id00001" / "v" / "00001.m4a").write_bytes(b"\x00" * 10)
@@ -386,7 +266,7 @@ def test_datamodule_names_a_sample_rate_that_rejects_every_utterance(tmp_path, c
         for u in range(2):
             write_wav(root / spk / "v" / f"{u}.wav", tone(200, 0.5, fs=8000), fs=8000)
     with pytest.raises(ValueError) as info:
-        SpeakerDataModule(str(root), num_workers=0).num_classes
+        _ = SpeakerDataModule(str(root), num_workers=0).num_classes
     message = str(info.value)
     assert message == (f"{root}: none of the 4 utterances probed (of 4) can be used: 4 wrong sample rate "
                        f"(e.g. {root}/a/v/0.wav: wrong sample rate: 8000 Hz, expected 16000 Hz)")
@@ -402,7 +282,7 @@ def test_datamodule_logs_unusable_utterances_by_kind(tmp_path, caplog):
     write_wav(root / "b" / "v" / "r8k.wav", tone(200, 0.5, fs=8000), fs=8000)
     write_wav(root / "b" / "v" / "r8k_2.wav", tone(200, 0.5, fs=8000), fs=8000)
     write_wav(root / "b" / "v" / "tiny.wav", tone(200, 0.01))
-    with caplog.at_level("WARNING", logger="mlearn.data.speaker_datamodule"):
+    with caplog.at_level("WARNING", logger="mlearn.data.audio.datamodule"):
         module = SpeakerDataModule(str(root), num_workers=0)
         assert module.num_classes == 2
     assert (f"{root}: 3 of the 9 utterances probed (of 9) are unusable and will be skipped as corrupt: "
@@ -410,12 +290,14 @@ def test_datamodule_logs_unusable_utterances_by_kind(tmp_path, caplog):
             f"1 too short (e.g. {root}/b/v/tiny.wav: too short: 160 samples < 1600 (min_seconds=0.1))"
             ) in caplog.text
     dataset = module.dataset
-    with caplog.at_level("WARNING", logger="mlearn.data.audio"):
+    with caplog.at_level("WARNING", logger="mlearn.data.audio.dataset"):
         skipped = [dataset[i] is None for i in range(len(dataset))]
-    assert sum(skipped) == 3 and caplog.text.count("skipping wrong sample rate utterances") == 1  # once per kind
+    # logged once per kind
+    assert sum(skipped) == 3 and caplog.text.count("skipping wrong sample rate utterances") == 1
     assert caplog.text.count("skipping too short utterances") == 1
-    with pytest.raises(ValueError, match=r"strict: 3 of the 9 utterances probed are unusable: 2 wrong sample rate"):
-        SpeakerDataModule(str(root), num_workers=0, strict=True).num_classes
+    with pytest.raises(ValueError,
+                       match=r"strict: 3 of the 9 utterances probed are unusable: 2 wrong sample rate"):
+        _ = SpeakerDataModule(str(root), num_workers=0, strict=True).num_classes
 
 
 def test_probe_spreads_over_the_set(tmp_path):

@@ -33,7 +33,7 @@ import yaml
 from bad_input_utils import ROOT, fails_cleanly, mlearn, tree
 from data_utils import write_palette_rec
 
-from mlearn.data.bins import write_bin
+from mlearn.data.images.bins import write_bin
 from mlearn.models import IResNet
 
 # -------- Trust: hostile or damaged model files and .bin sets (eval, embed, export)
@@ -654,7 +654,8 @@ def _eval_make_run(run: Path, kind: str, nan: bool = False) -> Path:
         state[first] = torch.full_like(state[first], float("nan"))
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()},
-                "hyper_parameters": {"backbone": {"class_path": f"mlearn.models.{cls.__name__}", "init_args": args}}},
+                "hyper_parameters": {"backbone": {"class_path": f"mlearn.models.{cls.__name__}",
+                                                  "init_args": args}}},
                run / "checkpoints" / "last.ckpt")
     return run
 
@@ -662,7 +663,8 @@ def _eval_make_run(run: Path, kind: str, nan: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def eval_runs(tmp_path_factory) -> Dict[str, Path]:
     root = tmp_path_factory.mktemp("eval_runs")
-    return {"face": _eval_make_run(root / "face", "face"), "speaker": _eval_make_run(root / "speaker", "speaker"),
+    return {"face": _eval_make_run(root / "face", "face"),
+            "speaker": _eval_make_run(root / "speaker", "speaker"),
             "nan": _eval_make_run(root / "nan", "face", nan=True)}
 
 
@@ -673,10 +675,11 @@ def _eval_wav(path: Path, samples: int, rate: int = 16000, seed: int = 0) -> Pat
 
 
 def _eval_bin(path: Path, issame) -> None:
-    from mlearn.data.bins import write_bin
+    from mlearn.data.images.bins import write_bin
 
     rng = np.random.default_rng(0)
-    write_bin(path, [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2 * len(issame))], issame)
+    images = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2 * len(issame))]
+    write_bin(path, images, issame)
 
 
 # ----------------------------------------------------------------------------------------- mlearn embed
@@ -686,7 +689,8 @@ def test_eval_embed_lists_empty_and_sub_frame_wavs_as_unreadable(eval_runs, tmp_
     wavs = tmp_path / "wavs"
     for name, samples in {"empty": 0, "short": 100, "good": 8000}.items():
         _eval_wav(wavs / "id1" / f"{name}.wav", samples)
-    result = mlearn("embed", "--model", eval_runs["speaker"], "--input", wavs, "--output", tmp_path / "out" / "e.npy")
+    result = mlearn("embed", "--model", eval_runs["speaker"], "--input", wavs,
+                    "--output", tmp_path / "out" / "e.npy")
     assert result.returncode == 0, result.stderr
     assert "2 unreadable inputs" in result.stdout and "Traceback" not in result.stderr
     assert np.load(tmp_path / "out" / "e.npy").shape == (1, 8)
@@ -700,11 +704,13 @@ def test_eval_embed_where_every_wav_is_unusable_fails_cleanly(eval_runs, tmp_pat
     for i in range(3):
         _eval_wav(wavs / "id1" / f"{i}.wav", 8000, rate=8000)
     before = {"wavs": tree(wavs), "run": tree(eval_runs["speaker"])}
-    result = mlearn("embed", "--model", eval_runs["speaker"], "--input", wavs, "--output", tmp_path / "out" / "e.npy")
+    result = mlearn("embed", "--model", eval_runs["speaker"], "--input", wavs,
+                    "--output", tmp_path / "out" / "e.npy")
     fails_cleanly(result, f"none of the 3 audio files of {wavs}", "3 wrong sample rate",
                   "id1/0.wav: wrong sample rate: 8000 Hz, expected 16000 Hz", "e.errors.txt")
     assert before == {"wavs": tree(wavs), "run": tree(eval_runs["speaker"])}
-    assert sorted(tree(tmp_path / "out")) == ["e.errors.txt", "e.ids.txt", "e.npy"]  # the reasons, for the user
+    # the reasons, for the user
+    assert sorted(tree(tmp_path / "out")) == ["e.errors.txt", "e.ids.txt", "e.npy"]
     assert len((tmp_path / "out" / "e.errors.txt").read_text().splitlines()) == 3
 
 
@@ -715,7 +721,8 @@ def test_eval_embed_with_a_nan_model_fails_cleanly_and_writes_nothing(eval_runs,
     images.mkdir()
     for i in range(2):
         cv2.imwrite(str(images / f"{i}.png"), np.full((112, 112, 3), 60 * i, np.uint8))
-    result = mlearn("embed", "--model", eval_runs["nan"], "--input", images, "--output", tmp_path / "out" / "e.npy")
+    result = mlearn("embed", "--model", eval_runs["nan"], "--input", images,
+                    "--output", tmp_path / "out" / "e.npy")
     fails_cleanly(result, "embeddings of 2 of the 2 inputs contain NaN or inf", "nothing written")
     assert tree(tmp_path / "out") == {}
 
@@ -739,7 +746,8 @@ def _eval_nan_model(data: Path) -> str:
 def _eval_trials(data: Path, rate: int = 16000, trials: str = "") -> None:
     for spk in range(2):
         for u in range(2):
-            _eval_wav(data / "wav" / f"id{spk}" / f"{u}.wav", 8000 * rate // 16000, rate=rate, seed=spk * 2 + u)
+            _eval_wav(data / "wav" / f"id{spk}" / f"{u}.wav", 8000 * rate // 16000, rate=rate,
+                      seed=spk * 2 + u)
     (data / "trials.txt").write_text(trials or "1 id0/0.wav id0/1.wav\n0 id0/0.wav id1/0.wav\n")
 
 
@@ -757,7 +765,8 @@ def _eval_ijb_missing_column(data: Path) -> str:
     meta = data / "IJBC" / "meta"
     meta.mkdir(parents=True)
     (meta / "ijbc_face_tid_mid.txt").write_text("1.jpg 1\n2.jpg 2\n")  # the media id column is missing
-    (meta / "ijbc_name_5pts_score.txt").write_text("".join(f"{i}.jpg" + " 50" * 10 + " 0.9\n" for i in (1, 2)))
+    points = "".join(f"{i}.jpg" + " 50" * 10 + " 0.9\n" for i in (1, 2))
+    (meta / "ijbc_name_5pts_score.txt").write_text(points)
     (meta / "ijbc_template_pair_label.txt").write_text("1 2 0\n")
     return "protocols: [{type: ijb, name: IJBC, path: IJBC}]\n"
 
@@ -789,8 +798,8 @@ EVAL_CASES: Dict[str, _EvalCase] = {
     "bin-without-negative-pairs": ("face", _eval_one_sided_bin, ("lfw.bin", "different-identity")),
     "nan-embeddings": ("nan", _eval_nan_model, ("benchmark 'lfw'", "NaN or inf")),
     "trial-wavs-wrong-rate": ("speaker", _eval_trials_wrong_rate,
-                              ("vox: none of the 3 trial wavs", "wrong sample rate: 8000 Hz, expected 16000 Hz",
-                               "0.wav")),
+                              ("vox: none of the 3 trial wavs",
+                               "wrong sample rate: 8000 Hz, expected 16000 Hz", "0.wav")),
     "empty-trial-list": ("speaker", _eval_empty_trial_list, ("trials.txt", "empty trial list")),
     "ijb-meta-missing-column": ("face", _eval_ijb_missing_column,
                                 ("ijbc_face_tid_mid.txt:1", "expected 3 whitespace-separated fields")),
@@ -829,8 +838,8 @@ def test_eval_trials_with_an_empty_wav_scores_the_rest_and_says_so(eval_runs, tm
     assert "vox: 1 trials NOT scored" in result.stdout and "id0/9.wav: too short: 0 samples" in result.stdout
     row = json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
     assert row["trials"] == 4 and row["skipped_trials"] == 1
-    assert row["unreadable"] == {str(data / "wav" / "id0" / "9.wav"): "too short: 0 samples (0 ms), no full 25 ms "
-                                                                      "fbank frame"}
+    reason = "too short: 0 samples (0 ms), no full 25 ms fbank frame"
+    assert row["unreadable"] == {str(data / "wav" / "id0" / "9.wav"): reason}
 
 
 @pytest.mark.parametrize("batch_size", ["0", "-5"])

@@ -16,13 +16,15 @@ import torch.multiprocessing  # noqa: F401 - registers the shared-memory reducti
 from data_utils import write_palette_rec
 from torch.utils.data import DataLoader
 
-from mlearn.data import batches
-from mlearn.data.batches import BatchAllocator, ImageBatch, PooledImageBatch, UnmirroredBatch
 from mlearn.data.corrupt import collate_skip_corrupt
-from mlearn.data.datamodule import FaceDataModule
-from mlearn.data.recordio import RecordIODataset, RecordIOWriter
-from mlearn.data.samplers import (
-    EpochSeededDataset,
+from mlearn.data.images import batches
+from mlearn.data.images.batches import BatchAllocator, ImageBatch, PooledImageBatch
+from mlearn.data.images.datamodule import FaceDataModule
+from mlearn.data.images.recordio import RecordIOWriter
+from mlearn.data.images.recordio_dataset import RecordIODataset
+from mlearn.data.images.transforms import ImageTransform, build_transform, normalize_images
+from mlearn.data.order import EpochSeededDataset
+from mlearn.data.seeding import (
     GeneratorRandom,
     SampleStreams,
     new_generators,
@@ -30,7 +32,6 @@ from mlearn.data.samplers import (
     sample_seeds,
     seed_generators,
 )
-from mlearn.data.transforms import ImageTransform, build_transform, normalize_images
 
 SIZE = 24
 
@@ -58,21 +59,14 @@ def test_batch_assembled_in_place_equals_per_sample_loading(rec_with_corrupt: Pa
     seeded = EpochSeededDataset(dataset, seed=11)
     keys = [(i, 3) for i in (7, 5, 0, 19, 12, 3)]
     batch = seeded.__getitems__(keys)
-    assert type(batch) is (ImageBatch if output == "float" else UnmirroredBatch)
+    assert type(batch) is ImageBatch
     assert collate_skip_corrupt(batch) is batch
-    reference = collate_skip_corrupt([seeded[key] for key in keys])  # per sample: mirrored on the CPU
+    reference = collate_skip_corrupt([seeded[key] for key in keys])  # per sample
     assert batch.num_corrupt == reference.num_corrupt == 1
     assert batch.labels.tolist() == reference.labels.tolist() == [1, 0, 3, 2, 0]
     expected_shape = (5, 3, SIZE, SIZE) if output == "float" else (5, SIZE, SIZE, 3)
-    assert batch.images.shape == expected_shape and batch.images.dtype == reference.images.dtype
-    if output == "float":
-        torch.testing.assert_close(batch.images, reference.images, rtol=0, atol=0)
-        return
-    flipped = [k for k in range(5) if not torch.equal(batch.images[k], reference.images[k])]
-    assert batch.mirror.tolist() == [k in flipped for k in range(5)]  # written as decoded, flips recorded
-    assert (0 < len(flipped) < 5) == (augmentation != "eval")  # this seed mirrors some, not all
-    torch.testing.assert_close(normalize_images(batch.images, batch.mirror),
-                               normalize_images(reference.images), rtol=0, atol=0)
+    assert batch.images.shape == expected_shape and batch.images.dtype == reference.inputs.dtype
+    torch.testing.assert_close(batch.images, reference.inputs, rtol=0, atol=0)
 
 
 def test_all_corrupt_batch_and_strict_mode(rec_with_corrupt: Path) -> None:
@@ -84,9 +78,9 @@ def test_all_corrupt_batch_and_strict_mode(rec_with_corrupt: Path) -> None:
         EpochSeededDataset(strict).__getitems__([(4, 0), (5, 0)])
 
 
-def _received_buffer_addresses(besides: frozenset = frozenset()) -> set:
-    """Where the buffers of the worker pools this process holds lie (except the pools ``besides``)."""
-    pools = [pool for token, pool in batches._RECEIVER._pools.items() if token not in besides]
+def _received_buffer_addresses(allocator: BatchAllocator) -> set:
+    """Where the buffers of the worker pools received by ``allocator`` lie."""
+    pools = allocator.receiver._pools.values()
     return {buffer.data_ptr() for _, slots in pools for _, buffer in slots.values()}
 
 
@@ -100,12 +94,11 @@ def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Pa
     def epochs(workers: int) -> list:
         data = FaceDataModule(str(tmp_path), batch_size=8, num_workers=workers, image_size=SIZE)
         loader = data.train_dataloader()
-        earlier_pools = frozenset(batches._RECEIVER._pools)  # of other loaders still alive, if any
         kept = list(loader)
         loader.sampler.set_epoch(1)
         kept += [batch for j, batch in enumerate(loader) if j % 3 == 0]
         if workers:
-            pooled = _received_buffer_addresses(besides=earlier_pools)
+            pooled = _received_buffer_addresses(data.dataset.batch_allocator)
             in_pool = [b.images.data_ptr() in pooled for b in kept]
             assert len(pooled) <= 2 * 8 and all(in_pool[:12])  # epoch 0: 6 batches of each worker's 8 buffers
             assert all(in_pool[j] or kept[j].images.is_shared() for j in range(len(kept)))  # or fresh ones
@@ -114,16 +107,13 @@ def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Pa
     in_process, with_workers = epochs(0), epochs(2)
     assert len(in_process) == len(with_workers) == 16
     for a, b in zip(in_process, with_workers):
-        assert type(b) is UnmirroredBatch and b.images.dtype == torch.uint8
+        assert type(b) is ImageBatch and b.images.dtype == torch.uint8
         torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
         torch.testing.assert_close(a.labels, b.labels)
-        assert a.mirror.tolist() == b.mirror.tolist()
-    assert 0 < sum(int(b.mirror.sum()) for b in with_workers) < 16 * 8
 
 
 def test_pooled_buffers_are_sent_once_and_released_when_unused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batches, "get_worker_info", lambda: object())  # as inside a DataLoader worker
-    monkeypatch.setattr(batches, "_RECEIVER", batches._Receiver())
     allocator = BatchAllocator(capacity=2)
     first, slot0 = allocator.allocate((3, 4, 4, 3), torch.uint8)
     second, slot1 = allocator.allocate((3, 4, 4, 3), torch.uint8)
@@ -163,18 +153,19 @@ def test_pooled_buffers_are_sent_once_and_released_when_unused(monkeypatch: pyte
     assert slot == slot1 and allocator.batch(larger, torch.tensor([0]), 0, slot).generation == 1
     larger.fill_(3)
     assert pickle.loads(send(larger, slot1)).images.eq(3).all()
-    flagged = allocator.batch(larger[:2], torch.tensor([1, 2]), 0, slot1, torch.tensor([True, False]))
-    unmirrored = pickle.loads(ForkingPickler.dumps(flagged))  # the flags travel by value
-    assert type(unmirrored) is UnmirroredBatch and unmirrored.mirror.tolist() == [True, False]
-    assert unmirrored.images.data_ptr() == larger.data_ptr()
     with pytest.raises(RuntimeError, match="never received here"):
-        batches._receive_pooled("unknown-pool", None, 0, 0, None, (1, 2), torch.uint8, 1, np.zeros(1), 0,
-                                 None)
+        batches._receive_pooled(allocator.receiver_key, "unknown-pool", None, 0, 0, None, (1, 2), torch.uint8,
+                                1, np.zeros(1), 0)
+    with pytest.raises(RuntimeError, match="no dataset of this process receives it"):
+        batches._receive_pooled("gone", "unknown-pool", None, 0, 0, None, (1, 2), torch.uint8, 1, np.zeros(1),
+                                0)
     batches._close_pool(flags)  # the worker exited: its buffers are unmapped at the next receipt
-    batches._RECEIVER.receive("another", torch.zeros(3, dtype=torch.uint8), 0, 0, torch.zeros(1))
-    assert allocator._pool.token not in batches._RECEIVER._pools
+    allocator.receiver.receive("another", torch.zeros(3, dtype=torch.uint8), 0, 0, torch.zeros(1))
+    assert allocator._pool.token not in allocator.receiver._pools
 
-    assert pickle.loads(pickle.dumps(allocator)).allocate((1, 2), torch.uint8)[1] == 0  # a fresh pool
+    copy = pickle.loads(pickle.dumps(allocator))  # as a spawned worker's: sends to the original's receiver
+    assert copy.allocate((1, 2), torch.uint8)[1] == 0 and copy.receiver is None  # a fresh pool
+    assert copy.receiver_key == allocator.receiver_key
     floats, slot = BatchAllocator(capacity=1).allocate((2, 3, 5, 5), torch.float32)
     assert slot == 0 and floats.dtype == torch.float32 and floats.shape == (2, 3, 5, 5)
     assert floats.is_contiguous()
@@ -250,7 +241,7 @@ def test_plain_dataloader_over_a_dataset_still_collates_per_sample(rec_with_corr
 def test_read_many_matches_read_bytes_on_every_record_layout(tmp_path: Path) -> None:
     """Batched reads take a fast path for single-part, scalar-label records and fall back to the general
     parser for the rest (multi-part records, array labels) and for corrupt ones."""
-    from mlearn.data.recordio import MAGIC
+    from mlearn.data.images.recordio import MAGIC
 
     magic = MAGIC.to_bytes(4, "little")
     payloads = [b"\xff\xd8\xff" + bytes([i]) * (40 + i) for i in range(6)]
@@ -303,14 +294,14 @@ class _PooledBatches(torch.utils.data.Dataset):
 def test_buffers_of_exited_workers_are_unmapped() -> None:
     """Workers restarted every epoch (no persistent workers): the receiver drops the pools of the
     workers that exited, and keeps only the current ones."""
-    loader = DataLoader(_PooledBatches(), batch_size=8, num_workers=2, collate_fn=lambda batch: batch)
-    earlier = set(batches._RECEIVER._pools)  # of other loaders still alive, if any
+    dataset = _PooledBatches()
+    loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=lambda batch: batch)
     seen = []
     for _ in range(3):
         for j, batch in enumerate(loader):
             assert batch.images.eq(0).all()
             if j == 2:
-                seen.append(set(batches._RECEIVER._pools) - earlier)
+                seen.append(set(dataset.allocator.receiver._pools))
     assert all(len(pools) == 2 for pools in seen)
     assert not seen[0] & seen[1] and not seen[1] & seen[2]
 

@@ -28,7 +28,8 @@ def error_line(result):
 
 def tiny_config(tmp_path, **data_overrides):
     config = yaml.safe_load(QUICKSTART.read_text())
-    config["trainer"].update(max_epochs=1, limit_train_batches=3, log_every_n_steps=1, enable_progress_bar=False)
+    config["trainer"].update(max_epochs=1, limit_train_batches=3, log_every_n_steps=1,
+                             enable_progress_bar=False)
     config["data"]["init_args"].update(root=str(tmp_path / "faces"), batch_size=8, num_workers=0,
                                        synthetic={"num_identities": 6, "images_per_identity": 4,
                                                   "num_val_identities": 6, "num_val_pairs": 40})
@@ -60,13 +61,35 @@ def test_unknown_config_key(tmp_path):
     assert "no_such_key" in line
 
 
+def test_unknown_schedule_key_names_the_valid_ones(tmp_path):
+    line = error_line(mlearn("train", "--config", tiny_config(tmp_path), "--model.schedule.no_such_key", "1"))
+    assert "model.schedule.no_such_key" in line and "warmup_epochs" in line and "decay" in line
+
+
+def test_a_config_with_the_old_flat_schedule_keys_says_where_they_went(tmp_path):
+    config = yaml.safe_load(tiny_config(tmp_path).read_text())
+    config["model"].update(schedule="poly", warmup_epochs=1.0)
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(config))
+    line = error_line(mlearn("train", "--config", old))
+    assert "model.schedule is a group" in line and "model.schedule.decay" in line
+    config["model"]["schedule"] = {"decay": "poly"}
+    old.write_text(yaml.safe_dump(config))
+    line = error_line(mlearn("train", "--config", old))
+    assert "model.warmup_epochs moved to model.schedule.warmup_epochs" in line
+    line = error_line(mlearn("train", "--config", tiny_config(tmp_path), "--model.schedule.decay", "step"))
+    assert "needs lr_milestones" in line
+
+
 def test_unknown_margin_names_choices(tmp_path):
-    line = error_line(mlearn("train", "--config", tiny_config(tmp_path), "--model.head.margin", "NoSuchMargin"))
+    config = tiny_config(tmp_path)
+    line = error_line(mlearn("train", "--config", config, "--model.head.margin", "NoSuchMargin"))
     assert "model.head.margin" in line and "NoSuchMargin" in line and "mlearn.heads.ArcFace" in line
 
 
 def test_unknown_backbone_names_choices(tmp_path):
-    line = error_line(mlearn("train", "--config", tiny_config(tmp_path), "--model.backbone", "mlearn.models.NoNet"))
+    config = tiny_config(tmp_path)
+    line = error_line(mlearn("train", "--config", config, "--model.backbone", "mlearn.models.NoNet"))
     assert "NoNet" in line and "iresnet50" in line
 
 

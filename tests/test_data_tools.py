@@ -7,9 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from mlearn.data.folders import ImageFolderDataset
-from mlearn.data.inspect import convert_dataset, format_inspect_report, inspect_dataset
-from mlearn.data.recordio import RecordIODataset, RecordIOWriter
+from mlearn.data.images.files import ImageFolderDataset
+from mlearn.data.images.inspect import convert_dataset, format_inspect_report, inspect_dataset
+from mlearn.data.images.recordio import RecordIOWriter
+from mlearn.data.images.recordio_dataset import RecordIODataset
 
 
 def make_folder(root: Path, sizes: dict) -> None:

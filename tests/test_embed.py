@@ -122,7 +122,7 @@ def test_onnx_embed_imports_no_lightning(models, image_dir, tmp_path):
 def test_audio_model_embeds_wav_folder_with_corrupt_file(tmp_path, capsys):
     import soundfile as sf
 
-    from mlearn.data.fbank import INPUT_SCALE, apply_cmn, kaldi_fbank
+    from mlearn.data.audio.fbank import INPUT_SCALE, apply_cmn, kaldi_fbank
 
     run = make_run(tmp_path / "spk", ECAPA_TDNN, {"channels": 32, "mfa_channels": 48, "embedding_size": 16})
     rng = np.random.default_rng(0)
@@ -171,7 +171,8 @@ def test_audio_embed_lists_empty_and_sub_frame_wavs_as_unreadable(tmp_path):
     assert dict(result.errors) == {
         "id1/empty.wav": "too short: 0 samples (0 ms), no full 25 ms fbank frame",
         "id1/short.wav": "too short: 100 samples (6.25 ms), no full 25 ms fbank frame"}
-    assert (tmp_path / "e.errors.txt").read_text().splitlines() == [f"{rel}\t{why}" for rel, why in result.errors]
+    listed = (tmp_path / "e.errors.txt").read_text().splitlines()
+    assert listed == [f"{rel}\t{why}" for rel, why in result.errors]
 
 
 def test_embed_where_no_input_is_readable_is_an_error(models, tmp_path):
@@ -182,6 +183,8 @@ def test_embed_where_no_input_is_readable_is_an_error(models, tmp_path):
     with pytest.raises(ValueError) as info:
         embed_to_files(models["onnx"], folder, tmp_path / "e.npy", progress=False)
     assert str(info.value) == (f"none of the 3 images of {folder} could be embedded: 3 cannot decode image "
-                               f"(e.g. 0.jpg: cannot decode image); all listed in {tmp_path / 'e'}.errors.txt")
-    assert len((tmp_path / "e.errors.txt").read_text().splitlines()) == 3  # still written, for the user to read
+                               f"(e.g. 0.jpg: cannot decode image); all listed in "
+                               f"{tmp_path / 'e'}.errors.txt")
+    # still written, for the user to read
+    assert len((tmp_path / "e.errors.txt").read_text().splitlines()) == 3
     assert np.load(tmp_path / "e.npy").shape == (0, 32)

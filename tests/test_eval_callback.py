@@ -7,17 +7,19 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlearn.data.bins import write_bin
+from mlearn.data.images.bins import write_bin
 from mlearn.evaluation.callback import VerificationCallback
 from mlearn.heads import CosFace
 from mlearn.models import IResNet
 from mlearn.module import EmbeddingModule, HeadConfig
+from mlearn.schedules import LRSchedule
 
 
 class Module(EmbeddingModule):
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        return DataLoader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 4), batch_size=8)
+        images = torch.randn(16, 3, 32, 32, generator=g)
+        return DataLoader(TensorDataset(images, torch.arange(16) % 4), batch_size=8)
 
 
 def test_callback_logs_verification_metrics_and_selects_best(tmp_path):
@@ -26,8 +28,9 @@ def test_callback_logs_verification_metrics_and_selects_best(tmp_path):
     write_bin(tmp_path / "tiny.bin", images, [True, False] * 10)
     backbone = IResNet(layers=[1], width=8, embedding_size=16, input_size=32, stem_stride=2)
     module = Module(backbone, HeadConfig(margin=CosFace(s=8.0, m=0.1)), num_classes=4,
-                    optimizer=partial(torch.optim.SGD, lr=0.01), schedule="constant")
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/tiny/accuracy", mode="max")
+                    optimizer=partial(torch.optim.SGD, lr=0.01), schedule=LRSchedule(decay="constant"))
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/tiny/accuracy",
+                                              mode="max")
     callback = VerificationCallback([str(tmp_path / "tiny.bin")], batch_size=16)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback, checkpoint])
@@ -71,7 +74,7 @@ class FourBatches(EmbeddingModule):
 def test_callback_fires_once_per_optimizer_step_never_at_step_0(every, accumulate, expected):
     backbone = IResNet(layers=[1], width=8, embedding_size=16, input_size=32, stem_stride=2)
     module = FourBatches(backbone, HeadConfig(margin=CosFace(s=8.0, m=0.1)), num_classes=4,
-                         optimizer=partial(torch.optim.SGD, lr=0.01), schedule="constant")
+                         optimizer=partial(torch.optim.SGD, lr=0.01), schedule=LRSchedule(decay="constant"))
     callback = StepRecorder(every)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, callbacks=[callback],

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import roc_curve
 
 from mlearn.evaluation import kfold_verification, roc_metrics
-from mlearn.evaluation.roc import eer_nist, min_dcf
+from mlearn.evaluation.metrics.roc import eer_nist, min_dcf
 
 
 def test_perfect_embeddings_give_one_plus_minus_zero():
@@ -59,7 +59,8 @@ def test_eer_and_min_dcf_against_brute_force():
     scores = np.round(rng.normal(labels * 1.5, 1.0), 1)  # rounded: many ties
     fnr, fpr = brute_sweep(scores, labels)
     cost = (fnr * 0.01 + fpr * 0.99) / 0.01
-    # ties are separate sweep points in the NIST sweep, so brute force over distinct thresholds is an upper bound
+    # ties are separate sweep points in the NIST sweep, so brute force over distinct thresholds is an
+    # upper bound
     assert min_dcf(scores, labels) <= cost.min() + 1e-12
     scores_unique = rng.normal(labels * 1.5, 1.0)
     fnr, fpr = brute_sweep(scores_unique, labels)
@@ -148,11 +149,15 @@ BAD_SUITES = [  # (suite text, what the error line must name)
     ("protocols: [{type: bin, path: a.bin, colour: red}]\n", "unknown key(s) ['colour'] for type bin"),
     ("protocols: [{type: bin, path: 3}]\n", "path=3; expected a path"),
     ("protocols: [{type: bin, path: a.bin, flip: maybe}]\n", "flip='maybe'; expected true or false"),
-    ("protocols: [{type: bin, path: a.bin, baselines: raw_pixels}]\n", "baselines='raw_pixels'; expected a list"),
-    ("protocols: [{type: retrieval, query: q, ks: 5}]\n", "ks=5; expected a non-empty list of positive integers"),
+    ("protocols: [{type: bin, path: a.bin, baselines: raw_pixels}]\n",
+     "baselines='raw_pixels'; expected a list"),
+    ("protocols: [{type: retrieval, query: q, ks: 5}]\n",
+     "ks=5; expected a non-empty list of positive integers"),
     ("protocols: [{type: retrieval, query: q, ks: [1, 0]}]\n", "ks=[1, 0]"),
-    ("protocols: [{type: trials, trials: t, wav_root: w, max_trials: -3}]\n", "max_trials=-3; expected a positive"),
-    ("protocols: [{type: ijb, name: IJBC, workers: true}]\n", "workers=True; expected a non-negative integer"),
+    ("protocols: [{type: trials, trials: t, wav_root: w, max_trials: -3}]\n",
+     "max_trials=-3; expected a positive"),
+    ("protocols: [{type: ijb, name: IJBC, workers: true}]\n",
+     "workers=True; expected a non-negative integer"),
 ]
 
 
@@ -185,16 +190,17 @@ class _ColourModel:
 
 
 def _write_bin(path, issame):
-    from mlearn.data.bins import write_bin
+    from mlearn.data.images.bins import write_bin
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2 * len(issame))]
     write_bin(path, images, issame)
 
 
-@pytest.mark.parametrize("issame, missing", [([True] * 6, "different-identity"), ([False] * 6, "same-identity")])
+@pytest.mark.parametrize("issame, missing", [([True] * 6, "different-identity"),
+                                             ([False] * 6, "same-identity")])
 def test_bin_without_both_pair_kinds_names_the_file(tmp_path, issame, missing):
-    from mlearn.evaluation.face_bins import check_both_kinds
+    from mlearn.evaluation.protocols.bins import check_both_kinds
     from mlearn.evaluation.suite import run_suite
 
     _write_bin(tmp_path / "one_sided.bin", issame)
@@ -212,8 +218,9 @@ def test_nan_embeddings_stop_the_suite_naming_the_benchmark(tmp_path):
 
     _write_bin(tmp_path / "pairs.bin", [True, False] * 5)
     suite = {"protocols": [{"type": "bin", "name": "lfw", "path": "pairs.bin", "flip": False}]}
-    with pytest.raises(NonFiniteEmbeddings, match=r"benchmark 'lfw': the model's embeddings contain NaN or inf "
-                                                  r"\(1 of the 4 embeddings of a batch\)"):
+    with pytest.raises(NonFiniteEmbeddings,
+                       match=r"benchmark 'lfw': the model's embeddings contain NaN or inf "
+                             r"\(1 of the 4 embeddings of a batch\)"):
         run_suite(_ColourModel(nan_row=1), suite, tmp_path, tmp_path / "out", batch_size=4)
     assert not (tmp_path / "out" / "results.json").exists()
     results = run_suite(_ColourModel(), suite, tmp_path, tmp_path / "out", batch_size=4)  # finite: scored
@@ -225,5 +232,5 @@ def test_run_suite_refuses_a_bad_batch_size(tmp_path, batch_size):
     from mlearn.evaluation.suite import run_suite
 
     with pytest.raises(ValueError, match=rf"batch_size={batch_size!r}: expected a positive integer"):
-        run_suite(_ColourModel(), {"protocols": [{"type": "bin", "path": "x.bin"}]}, tmp_path, tmp_path / "out",
-                  batch_size=batch_size)
+        run_suite(_ColourModel(), {"protocols": [{"type": "bin", "path": "x.bin"}]}, tmp_path,
+                  tmp_path / "out", batch_size=batch_size)

@@ -179,8 +179,9 @@ def test_audio_backbone_exports_with_dynamic_frames(audio_run, tmp_path):
     assert spec["modality"] == "audio" and spec["features"] == "kaldi_fbank"
     assert (spec["sample_rate"], spec["num_mel_bins"], spec["frame_length_ms"], spec["frame_shift_ms"],
             spec["cmn"]) == (16000, 80, 25.0, 10.0, True)
-    assert (spec["window"], spec["preemphasis"], spec["dither"], spec["input_scale"]) == ("hamming", 0.97, 0.0, 32768.0)
-    from mlearn.data.fbank import KaldiFbank, fbank_from_spec
+    assert (spec["window"], spec["preemphasis"], spec["dither"], spec["input_scale"]) == \
+        ("hamming", 0.97, 0.0, 32768.0)
+    from mlearn.data.audio.fbank import KaldiFbank, fbank_from_spec
 
     assert fbank_from_spec(spec).options == KaldiFbank().options  # the metadata rebuilds the front-end
     model, reference = load_model(result.path), load_model(audio_run, device="cpu")

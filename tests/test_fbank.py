@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mlearn.data.fbank import KaldiFbank, apply_cmn, fbank_from_spec, fbank_spec, kaldi_fbank, num_frames
+from mlearn.data.audio.fbank import (
+    KaldiFbank,
+    apply_cmn,
+    fbank_from_spec,
+    fbank_spec,
+    kaldi_fbank,
+    num_frames,
+)
 
 
 def reference_fbank(x, sample_rate=16000, num_mel_bins=80, frame_length_ms=25.0, frame_shift_ms=10.0,
@@ -93,7 +100,8 @@ def test_default_options_match_reference_loop():
 
 @pytest.mark.parametrize("options", [
     {"window": "povey", "snip_edges": False, "num_mel_bins": 40},
-    {"preemphasis": 0.0, "remove_dc_offset": False, "window": "hanning", "high_freq": -400.0, "low_freq": 60.0},
+    {"preemphasis": 0.0, "remove_dc_offset": False, "window": "hanning", "high_freq": -400.0,
+     "low_freq": 60.0},
     {"sample_rate": 8000, "num_mel_bins": 23, "window": "rectangular", "frame_length_ms": 20.0},
 ])
 def test_other_options_match_reference_loop(options):
@@ -159,13 +167,14 @@ def test_dither_only_in_train_mode_and_reproducible_with_generator():
     assert (a > floor + 1).all()  # dither lifts digital silence off the log floor
     assert torch.allclose(module.eval()(x), torch.full_like(a, floor))
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    torch.testing.assert_close(kaldi_fbank(x, dither=1.0, generator=g1), kaldi_fbank(x, dither=1.0, generator=g2))
+    torch.testing.assert_close(kaldi_fbank(x, dither=1.0, generator=g1),
+                               kaldi_fbank(x, dither=1.0, generator=g2))
     # Dither of standard deviation d on silence: each frame's power spectrum is that of white noise,
     # so the mean mel energy matches the filter weights times the expected |DFT|^2 of windowed noise.
     noise_power = kaldi_fbank(torch.zeros(1, 16000), dither=1.0, use_log=False, preemphasis=0.0,
                               remove_dc_offset=False, generator=g1)
     win = 0.54 - 0.46 * np.cos(2 * np.pi * np.arange(400) / 399)
-    from mlearn.data.fbank import mel_banks
+    from mlearn.data.audio.fbank import mel_banks
     expected = mel_banks(80, 512, 16000).numpy().sum(1) * (win ** 2).sum()
     ratio = noise_power.mean(dim=(0, 1)).numpy() / expected
     assert np.all(np.abs(ratio - 1) < 0.5) and abs(ratio.mean() - 1) < 0.05

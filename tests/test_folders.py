@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from mlearn.data.corrupt import CorruptSampleError, collate_skip_corrupt
-from mlearn.data.folders import ImageFolderDataset, ImageListDataset, load_label_map, open_dataset
-from mlearn.data.recordio import RecordIODataset, RecordIOWriter
-from mlearn.data.transforms import build_transform
+from mlearn.data.images.files import ImageFolderDataset, ImageListDataset
+from mlearn.data.images.open import open_dataset
+from mlearn.data.images.recordio import RecordIOWriter
+from mlearn.data.images.recordio_dataset import RecordIODataset
+from mlearn.data.images.transforms import build_transform
+from mlearn.data.labels import load_label_map
 
 
 def save_image(path: Path, seed: int, size: int = 24) -> np.ndarray:

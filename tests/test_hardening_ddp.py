@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from mlearn.heads import ArcFace, PartialFC
 from mlearn.heads import distributed as D
 from mlearn.module import EmbeddingModule, HeadConfig, sync_nonfinite_grads
+from mlearn.schedules import LRSchedule
 
 NUM_CLASSES, DIM, GLOBAL_BATCH, STEPS = 7, 6, 8, 3
 
@@ -74,7 +75,8 @@ class Snapshots(pl.Callback):
 def _fit_corrupt(devices: int, strategy: Any = "auto") -> Dict[str, Any]:
     torch.manual_seed(0)
     module = CorruptModule(TinyNet(), HeadConfig(margin=ArcFace(s=8.0, m=0.3)), num_classes=NUM_CLASSES,
-                           optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9), schedule="constant")
+                           optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9),
+                           schedule=LRSchedule("constant"))
     snapshots = Snapshots()
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -137,7 +139,7 @@ def test_all_corrupt_batch_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) 
 def _tiny_module(num_classes: int = NUM_CLASSES, **head: Any) -> EmbeddingModule:
     return EmbeddingModule(TinyNet(), HeadConfig(margin=ArcFace(s=8.0, m=0.3), **head),
                            num_classes=num_classes, optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9),
-                           schedule="constant")
+                           schedule=LRSchedule("constant"))
 
 
 class FakeFSDPStrategy:

@@ -10,23 +10,24 @@ import cv2
 import numpy as np
 import pytest
 
-from mlearn.data.align import ARCFACE_TEMPLATE, align_face, similarity_transform
-from mlearn.evaluation import ijb
-from mlearn.evaluation.ijb import (
+from mlearn.data.images.align import ARCFACE_TEMPLATE, align_face, similarity_transform
+from mlearn.evaluation.metrics import ijb
+from mlearn.evaluation.metrics.ijb import (
     identification_1n,
-    identification_row,
-    load_ijb_meta,
     open_set_identification,
     pair_scores,
+    template_features,
+)
+from mlearn.evaluation.protocols.ijb import identification_row, run_protocol, score_ijb, verification_rows
+from mlearn.evaluation.protocols.ijb_meta import (
+    SUBSETS,
+    load_ijb_meta,
     read_1n_csv,
     read_face_tid_mid,
     read_name_5pts_score,
     read_template_pairs,
-    run_protocol,
-    score_ijb,
-    template_features,
-    verification_rows,
 )
+from mlearn.evaluation.protocols.options import accepted_keys
 
 # ------------------------------------------------------------------------------ synthetic IJB set
 
@@ -233,7 +234,8 @@ def test_missing_meta_file_gives_a_clear_error(ijbc, tmp_path):
 
 
 def test_protocol_options_are_checked(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['flip_test'\]; accepted: .*'detector_score'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown key\(s\) \['flip_test'\] for type ijb; accepted: .*'detector_score'"):
         run_protocol(FakeModel(), {"type": "ijb", "name": "IJBC", "flip_test": True}, tmp_path, 8)
     with pytest.raises(ValueError, match="name='IJBX'; expected one of \\['IJBB', 'IJBC'\\]"):
         run_protocol(FakeModel(), {"type": "ijb", "name": "ijbx"}, tmp_path, 8)
@@ -355,10 +357,10 @@ def test_tar_tie_breaking_on_a_roc_with_repeated_fprs():
     # TPR; 0.3: (.3, .8) was dropped, so the nearest point is FPR .4 (TPR 1) although it exceeds the target
     assert [rows[0]["tar_at_far"][f] for f in fars] == [0.4, 0.8, 0.8, 1.0]
     assert [rows[1]["tar_at_far"][f] for f in fars] == [0.4, 0.4, 0.8, 0.8]
-    assert list(rows[0]["_table"]) == ["benchmark", "method", "TAR rule", "templates", "pairs", "TAR@1e-3",
+    assert list(rows[0].table) == ["benchmark", "method", "TAR rule", "templates", "pairs", "TAR@1e-3",
                                        "TAR@5e-2", "TAR@1e-1", "TAR@3e-1"]
-    assert rows[0]["_table"]["TAR@5e-2"] == "80.00" and rows[1]["_table"]["TAR@5e-2"] == "40.00"
-    assert rows[1]["_table"]["TAR rule"] == "strict" and "_scores" not in rows[1]
+    assert rows[0].table["TAR@5e-2"] == "80.00" and rows[1].table["TAR@5e-2"] == "40.00"
+    assert rows[1].table["TAR rule"] == "strict" and rows[1].scores is None
 
 
 
@@ -401,7 +403,7 @@ def test_open_set_identification_hand_worked_example():
     assert got["tpir"] == pytest.approx({0.25: 0.35, 0.5: 0.35, 1.0: 0.45})
     assert got["cmc"] == pytest.approx({1: 4 / 9, 2: 8 / 9, 3: 1.0})
     row = identification_row("toy 1:N", got)
-    assert row["_table"] == {"benchmark": "toy 1:N", "method": "model", "galleries": "G1+G2",
+    assert row.table == {"benchmark": "toy 1:N", "method": "model", "galleries": "G1+G2",
                              "gallery templates": "3+2", "probes": "9", "TPIR@FPIR=0.25": "35.00",
                              "TPIR@FPIR=0.5": "35.00", "TPIR@FPIR=1": "45.00", "rank-1": "44.44",
                              "rank-2": "88.89", "rank-3": "100.00"}
@@ -440,16 +442,16 @@ def test_run_protocol_end_to_end_matches_a_naive_pipeline(ijbc):
     feats = np.stack(feats)
     naive = naive_template_features(feats, truth["templates"], truth["medias"], det)
     scores = np.array([naive[a] @ naive[b] for a, b in truth["pairs"]])
-    np.testing.assert_allclose(rows[0]["_scores"], scores, atol=1e-6)
-    np.testing.assert_array_equal(rows[0]["_labels"], truth["labels"])
+    np.testing.assert_allclose(rows[0].scores, scores, atol=1e-6)
+    np.testing.assert_array_equal(rows[0].labels, truth["labels"])
     assert rows[0]["templates"] == 18 and rows[0]["pairs"] == 153 and rows[0]["genuine"] == 18
     assert rows[0]["fusion"] == "flip-sum" and rows[0]["detector_score"] is True
     for far in (1e-2, 1e-1):
-        nearest, strict = brute_tar(rows[0]["_scores"], truth["labels"], far)
+        nearest, strict = brute_tar(rows[0].scores, truth["labels"], far)
         assert rows[0]["tar_at_far"][far] == nearest and rows[1]["tar_at_far"][far] == strict
     one_n = rows[2]
     assert one_n["probes"] == 12 and one_n["gallery_templates"] == {"G1": 3, "G2": 3}
-    assert set(one_n["_table"]) == {"benchmark", "method", "galleries", "gallery templates", "probes",
+    assert set(one_n.table) == {"benchmark", "method", "galleries", "gallery templates", "probes",
                                     "TPIR@FPIR=0.01", "TPIR@FPIR=0.1", "rank-1", "rank-5", "rank-10"}
     # pure scoring from the same features gives the same rows
     again = score_ijb(load_ijb_meta(root, "IJBC", one_to_n=True), feats)
@@ -464,7 +466,7 @@ def test_suite_yamls_name_known_options():
     for name in ("ijbb", "ijbc"):
         config = yaml.safe_load((Path(__file__).parents[1] / "evaluation" / f"{name}.yaml").read_text())
         for protocol in config["protocols"]:
-            assert set(protocol) <= set(ijb.PROTOCOL_KEYS) and protocol["name"].upper() in ijb.SUBSETS
+            assert set(protocol) <= set(accepted_keys("ijb")) and protocol["name"].upper() in SUBSETS
 
 
 @pytest.mark.parametrize("label, kind", [(1, "genuine (label 1)"), (0, "impostor (label 0)")])
@@ -480,7 +482,8 @@ def test_one_sided_pair_file_names_the_file(ijbc, tmp_path, label, kind):
         load_ijb_meta(bad, "IJBC")
 
 
-@pytest.mark.parametrize("meta_file, columns", [("ijbc_face_tid_mid.txt", 3), ("ijbc_name_5pts_score.txt", 12),
+@pytest.mark.parametrize("meta_file, columns", [("ijbc_face_tid_mid.txt", 3),
+                                                ("ijbc_name_5pts_score.txt", 12),
                                                 ("ijbc_template_pair_label.txt", 3)])
 def test_meta_file_with_a_missing_column_names_the_file_and_line(ijbc, tmp_path, meta_file, columns):
     root, _ = ijbc

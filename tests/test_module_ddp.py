@@ -29,12 +29,14 @@ class TinyNet(nn.Module):
 
 def make_data():
     g = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randn(SAMPLES, DIM, generator=g), torch.randint(0, NUM_CLASSES, (SAMPLES,), generator=g))
+    return TensorDataset(torch.randn(SAMPLES, DIM, generator=g),
+                         torch.randint(0, NUM_CLASSES, (SAMPLES,), generator=g))
 
 
 def make_module(initial_state=None):
     from mlearn.heads import ArcFace
     from mlearn.module import EmbeddingModule, HeadConfig
+    from mlearn.schedules import LRSchedule
 
     torch.manual_seed(0)
 
@@ -50,7 +52,8 @@ def make_module(initial_state=None):
             return DataLoader(make_data(), batch_size=per_rank, shuffle=False)
 
     return Module(TinyNet(), HeadConfig(margin=ArcFace(s=8.0, m=0.3)), num_classes=NUM_CLASSES,
-                  optimizer=partial(torch.optim.SGD, lr=1.0, momentum=0.9), schedule="constant")
+                  optimizer=partial(torch.optim.SGD, lr=1.0, momentum=0.9),
+                  schedule=LRSchedule("constant"))
 
 
 def trainer(devices, strategy="auto"):
@@ -98,7 +101,8 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     got_momentum = got_ckpt["optimizer_states"][0]["state"]
     assert set(got_momentum) == set(expected_momentum)
     for index in expected_momentum:
-        torch.testing.assert_close(got_momentum[index]["momentum_buffer"], expected_momentum[index]["momentum_buffer"],
+        torch.testing.assert_close(got_momentum[index]["momentum_buffer"],
+                                   expected_momentum[index]["momentum_buffer"],
                                    rtol=1e-5, atol=1e-6, msg=f"momentum of parameter {index}")
     for key in expected:
         if key.startswith(("backbone.", "head.weight")):

@@ -1,14 +1,12 @@
 """Face recipes: every config under configs/face parses and builds (model, data, trainer) through the CLI;
-the recipes hold the official hyperparameters they cite; the learning-rate schedules they use give the
-right values; and one recipe trains end to end on a generated RecordIO set (slow)."""
+the recipes hold the official hyperparameters they cite; and one recipe trains end to end on a generated
+RecordIO set (slow). The schedules they use are tested in test_schedules.py."""
 from __future__ import annotations
 
-import math
 import os
 import re
 import subprocess
 import sys
-import typing
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -18,11 +16,8 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from data_utils import write_palette_rec
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from mlearn.data.bins import write_bin
-from mlearn.module import DECAYS, EmbeddingModule, HeadConfig, Schedule, ScheduleName
+from mlearn.data.images.bins import write_bin
 from mlearn.train_cli import build_cli, describe_run, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +86,9 @@ def test_recipe_holds_the_cited_official_values(name: str) -> None:
     sgd = {"lr": want["lr"], "momentum": 0.9, "weight_decay": want["wd"]}
     assert model["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": sgd}
     assert (data["batch_size"], trainer["devices"]) == (want["batch"], want["gpus"])
-    assert trainer["max_epochs"] == want["epochs"] and model["warmup_epochs"] == want["warmup"]
-    assert model["schedule"] == want["schedule"] and model.get("lr_milestones") == want.get("milestones")
+    schedule = model["schedule"]
+    assert trainer["max_epochs"] == want["epochs"] and schedule["warmup_epochs"] == want["warmup"]
+    assert schedule["decay"] == want["schedule"] and schedule.get("lr_milestones") == want.get("milestones")
     assert trainer["precision"] == want["precision"]
     assert model.get("clip_backbone_grad_norm") == want["clip"]
 
@@ -136,87 +132,6 @@ def test_dry_run_prints_the_plan_without_training(rec: Path, tmp_path: Path,
     assert "batch 128 per process, 1024 global" in out and "8 device(s)" in out
     assert "fewer images than one global batch" in out  # 20 images
     assert "SGD(lr=0.2, momentum=0.9, weight_decay=0.0005" in out and "clipped at 5.0" in out
-
-
-# ----------------------------------------------------------------------------------- schedules
-
-
-def wespeaker_exponential(step: int, total: int, warmup: int, initial: float, final: float) -> float:
-    """WeSpeaker ExponentialDecrease with warm_from_zero (its VoxCeleb setting), written from its formula;
-    our ramp is (t + 1) / W instead of t / W so that the first step does not have lr 0."""
-    ramp = (step + 1) / warmup if step < warmup else 1.0
-    return ramp * initial * math.exp(step / total * math.log(final / initial))
-
-
-def test_exponential_schedule_matches_wespeaker() -> None:
-    per_epoch = 10
-    total, warmup = 150 * per_epoch, 6 * per_epoch  # 150 epochs, 6 warmup epochs: lr 0.1 -> 5e-5
-    schedule = Schedule("exponential", total_steps=total, warmup_steps=warmup, steps_per_epoch=per_epoch,
-                        final_lr_ratio=5e-5 / 0.1)
-    for step in (0, 29, 59, 60, 300, 750, total - 1):
-        expected = wespeaker_exponential(step, total, warmup, 0.1, 5e-5)
-        assert 0.1 * schedule(step) == pytest.approx(expected, rel=1e-9)
-    assert 0.1 * schedule(total - 1) == pytest.approx(5e-5, rel=0.01)  # reaches lr * ratio at the end
-    assert 0.1 * schedule(750) == pytest.approx(0.1 * math.sqrt(5e-4), rel=1e-9)
-
-
-def test_poly_cosine_step_constant_schedules() -> None:
-    poly = Schedule("poly", total_steps=100, warmup_steps=10)
-    assert [poly(t) for t in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert poly(55) == pytest.approx((1 - 45 / 90) ** 2)  # arcface_torch PolyScheduler, power 2
-    assert poly(100) == 0.0
-    cosine = Schedule("cosine", total_steps=100)
-    assert [cosine(0), cosine(50), cosine(100)] == pytest.approx([1.0, 0.5, 0.0])
-    step = Schedule("step", total_steps=100, steps_per_epoch=10, milestones=[2, 5], gamma=0.1)
-    assert [step(t) for t in (0, 19, 20, 49, 50, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-    assert Schedule("constant", total_steps=5)(4) == 1.0
-    assert sorted(DECAYS) == sorted(typing.get_args(ScheduleName))  # the CLI's choices are the registry
-    with pytest.raises(KeyError, match="unknown learning-rate schedule 'linear'"):
-        Schedule("linear", total_steps=5)
-
-
-class _Flat(nn.Module):
-    embedding_size = 4
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-
-class _Lrs(pl.Callback):
-    def __init__(self) -> None:
-        self.lrs: List[float] = []
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-
-def test_module_runs_the_exponential_schedule_per_step() -> None:
-    from mlearn.heads import ArcFace
-
-    class Module(EmbeddingModule):
-        def train_dataloader(self) -> DataLoader:
-            g = torch.Generator().manual_seed(0)
-            data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
-            return DataLoader(data, batch_size=4)  # 4 steps per epoch
-
-    module = Module(_Flat(), HeadConfig(margin=ArcFace(s=8.0, m=0.2)), num_classes=3,
-                    optimizer=lambda params: torch.optim.SGD(params, lr=0.1), schedule="exponential",
-                    final_lr_ratio=1e-2, warmup_epochs=0.5)
-    lrs = _Lrs()
-    pl.Trainer(accelerator="cpu", max_epochs=3, callbacks=[lrs], logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False).fit(module)
-    total, warmup = 12, 2
-    expected = [0.1 * min((t + 1) / warmup, 1.0) * 1e-2 ** (t / total) for t in range(total)]
-    assert lrs.lrs == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="final_lr_ratio"):
-        Module(_Flat(), HeadConfig(margin=ArcFace()), num_classes=3, schedule="exponential",
-               final_lr_ratio=0.0)
-    with pytest.raises(ValueError, match="lr_milestones"):
-        Module(_Flat(), HeadConfig(margin=ArcFace()), num_classes=3, schedule="step")
 
 
 # ----------------------------------------------------------------------------------- end to end

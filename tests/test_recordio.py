@@ -13,21 +13,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlearn.data.corrupt import CorruptSampleError, collate_skip_corrupt
-from mlearn.data.recordio import (
+from mlearn.data.images.recordio import (
     IR_SIZE,
     MAGIC,
     IRHeader,
-    RecordIODataset,
     RecordIOReader,
     RecordIOWriter,
-    _float32_window,
     _IndexedWriter,
-    _read_index,
     frame,
     pack,
     unpack,
 )
-from mlearn.data.transforms import build_transform
+from mlearn.data.images.recordio_dataset import RecordIODataset, _float32_window
+from mlearn.data.images.recordio_index import _read_index
+from mlearn.data.images.transforms import build_transform
 
 
 def jpeg(seed: int, size: int = 32) -> bytes:
@@ -372,7 +371,7 @@ def test_corrupt_first_image_of_an_identity_keeps_the_identity_records(tmp_path:
 
 
 def test_index_cache_is_used_refreshed_when_stale_and_optional(tmp_path: Path, monkeypatch) -> None:
-    import mlearn.data.recordio as recordio
+    import mlearn.data.images.recordio_index as recordio
 
     write_set(tmp_path, [0, 0, 1])
     idx = tmp_path / "train.idx"

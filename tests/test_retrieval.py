@@ -1,12 +1,14 @@
-"""Retrieval metrics against a brute-force ranking written here, a hand-computed toy case, and the protocol."""
+"""Retrieval metrics against a brute-force ranking written here, a hand-computed toy case, and the
+protocol."""
 import doctest
 
 import cv2
 import numpy as np
 import pytest
 
-from mlearn.evaluation import retrieval
-from mlearn.evaluation.retrieval import drop_self, retrieval_metrics, run_protocol
+from mlearn.evaluation.metrics import retrieval, search
+from mlearn.evaluation.metrics.retrieval import drop_self, retrieval_metrics
+from mlearn.evaluation.protocols.retrieval import run_protocol
 
 
 def brute_force(q, ql, g, gl, ks, exclude_self, depth=None):
@@ -42,7 +44,8 @@ def brute_force(q, ql, g, gl, ks, exclude_self, depth=None):
 
 
 def min_relevant_gap(q, ql, g, gl, exclude_self):
-    """Smallest |s(relevant) - s(irrelevant)| of any query: above ~1e-6 float32 rounding cannot reorder them."""
+    """Smallest |s(relevant) - s(irrelevant)| of any query: above ~1e-6 float32 rounding cannot reorder
+    them."""
     q, g = np.asarray(q, np.float64), np.asarray(g, np.float64)
     sim = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (g / np.linalg.norm(g, axis=1, keepdims=True)).T
     gap = np.inf
@@ -114,7 +117,8 @@ def test_exact_duplicate_stays_a_match_when_self_is_excluded_by_index():
 
 def test_drop_self_follows_pml_rule():
     ids = np.array([[4, 0, 7], [1, 5, 6], [9, 8, 2]])
-    # row 0: self 0 at column 1; row 1: self 1 first; row 2: self 2 last; row 3 (self 3) absent -> last dropped
+    # row 0: self 0 at column 1; row 1: self 1 first; row 2: self 2 last;
+    # row 3 (self 3) absent -> last dropped
     out = drop_self(np.vstack([ids, [[5, 6, 7]]]), np.array([0, 1, 2, 3]))
     assert out.tolist() == [[4, 7], [5, 6], [9, 8], [5, 6]]
 
@@ -153,10 +157,10 @@ def test_sharded_search_and_small_blocks_give_the_same_numbers(monkeypatch, dens
     expected = brute_force(q, ql, g, gl, (1, 5, 10), False)
     # shards of 30 gallery rows, 7-query super-blocks, full-ranking blocks of <= 150 relevant pairs, and
     # gallery chunks of 512 // 16 = 32 rows
-    monkeypatch.setattr(retrieval, "SHARD_ELEMENTS", 30 * 16)
+    monkeypatch.setattr(search, "SHARD_ELEMENTS", 30 * 16)
     monkeypatch.setattr(retrieval, "KNN_ENTRIES", 7 * 11)
     monkeypatch.setattr(retrieval, "RELEVANT_ENTRIES", 150)
-    monkeypatch.setattr(retrieval, "BLOCK_ELEMENTS", 512)
+    monkeypatch.setattr(search, "BLOCK_ELEMENTS", 512)
     # full-ranking counting: 1 -> never the dense path (candidates only), 10**9 -> always dense
     monkeypatch.setattr(retrieval, "DENSE_FRACTION", dense_fraction)
     got = retrieval_metrics(q, ql, g, gl, batch_size=3)
@@ -230,7 +234,7 @@ def test_bad_input_gives_clear_errors():
         retrieval_metrics(np.full((2, 4), np.nan, np.float32), [0, 1], x, labels, ks=(1,))
     with pytest.raises(KeyError, match="unknown retrieval index 'annoy'"):
         retrieval_metrics(x, labels, x, labels, ks=(1,), index="annoy")
-    if not retrieval.gpu_available():
+    if not search.gpu_available():
         with pytest.raises(ValueError, match="use_gpu=True but faiss has no GPU"):
             retrieval_metrics(x, labels, x, labels, ks=(1,), use_gpu=True)
 
@@ -244,7 +248,7 @@ def test_all_lone_queries_give_nan():
 
 @pytest.mark.gpu
 def test_gpu_matches_cpu():
-    if not retrieval.gpu_available():
+    if not search.gpu_available():
         pytest.skip("needs faiss with GPU support and CUDA")
     q, ql, g, gl = clustered(np.random.default_rng(6))
     cpu = retrieval_metrics(q, ql, g, gl, use_gpu=False)
@@ -292,8 +296,8 @@ def write_folder(root, rng, per_class=4, size=8):
 
 def test_run_protocol_leave_one_out_on_an_image_folder(tmp_path):
     features, labels = write_folder(tmp_path / "faces", np.random.default_rng(7))
-    rows = run_protocol(MeanColourModel(), {"type": "retrieval", "name": "tiny", "query": "faces", "ks": [1, 3]},
-                        tmp_path, batch_size=5)
+    protocol = {"type": "retrieval", "name": "tiny", "query": "faces", "ks": [1, 3]}
+    rows = run_protocol(MeanColourModel(), protocol, tmp_path, batch_size=5)
     assert len(rows) == 1
     row = rows[0]
     assert row["unreadable"] == {"query": 1, "gallery": 0}
@@ -302,8 +306,8 @@ def test_run_protocol_leave_one_out_on_an_image_folder(tmp_path):
     expected = brute_force(features, labels, features, labels, (1, 3), True)
     assert expected["map"] < 1.0  # the close colours make the ranking imperfect
     assert_matches(row, expected, ["recall@1", "recall@3", "map", "map@r", "r_precision", "num_queries"])
-    assert list(row["_table"]) == ["benchmark", "method", "queries", "gallery", "R@1", "R@3", "mAP", "mAP@R"]
-    assert row["_table"]["mAP"] == f"{expected['map'] * 100:.2f}"
+    assert list(row.table) == ["benchmark", "method", "queries", "gallery", "R@1", "R@3", "mAP", "mAP@R"]
+    assert row.table["mAP"] == f"{expected['map'] * 100:.2f}"
     assert row["fusion"] == "none" and row["protocol"].startswith("leave-one-out")
 
 
@@ -319,8 +323,8 @@ def test_run_protocol_list_queries_against_a_folder_gallery(tmp_path):
     lines.append("q9.png purple")  # an identity absent from the gallery: lone query, dropped
     cv2.imwrite(str(tmp_path / "q9.png"), np.zeros((8, 8, 3), np.uint8) + 100)
     (tmp_path / "probe.txt").write_text("\n".join(lines) + "\n")
-    protocol = {"type": "retrieval", "name": "probe", "query": "probe.txt", "gallery": "gallery", "ks": [1, 2],
-                "flip": True}
+    protocol = {"type": "retrieval", "name": "probe", "query": "probe.txt", "gallery": "gallery",
+                "ks": [1, 2], "flip": True}
     row = run_protocol(MeanColourModel(), protocol, tmp_path, batch_size=8)[0]
     query = np.vstack([query_features, [[100, 100, 100]]]).astype(np.float32)
     query_labels = np.array([line.split()[1] for line in lines])
@@ -333,13 +337,15 @@ def test_run_protocol_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['metric'\]"):
         run_protocol(MeanColourModel(), {"type": "retrieval", "query": "x", "metric": "l2"}, tmp_path, 4)
     with pytest.raises(FileNotFoundError, match="missing_set not found"):
-        run_protocol(MeanColourModel(), {"type": "retrieval", "name": "a", "query": "missing_set"}, tmp_path, 4)
+        run_protocol(MeanColourModel(), {"type": "retrieval", "name": "a", "query": "missing_set"},
+                     tmp_path, 4)
 
 
 def test_run_protocol_refuses_a_single_identity(tmp_path):
     rng = np.random.default_rng(3)
     (tmp_path / "one" / "amber").mkdir(parents=True)
     for i in range(12):  # every neighbour would be a match: 100% whatever the model
-        cv2.imwrite(str(tmp_path / "one" / "amber" / f"{i}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / "one" / "amber" / f"{i}.png"), image)
     with pytest.raises(ValueError, match=r"solo: .*one holds a single identity \('amber'\); retrieval needs"):
         run_protocol(MeanColourModel(), {"type": "retrieval", "name": "solo", "query": "one"}, tmp_path, 4)

@@ -9,18 +9,17 @@ import pytest
 import soundfile as sf
 import torch
 
-from mlearn.data.fbank import apply_cmn, kaldi_fbank
-from mlearn.evaluation.roc import EER_VARIANTS, eer_nist, eer_sklearn, eer_speechbrain, min_dcf
-from mlearn.evaluation.speaker import (
+from mlearn.data.audio.fbank import apply_cmn, kaldi_fbank
+from mlearn.evaluation.metrics.roc import EER_VARIANTS, eer_nist, eer_sklearn, eer_speechbrain, min_dcf
+from mlearn.evaluation.metrics.trials import (
     apply_score_norm,
     as_norm,
     cohort_score_stats,
     cosine_scores,
-    read_trials,
-    run_protocol,
     speaker_mean_cohort,
     top_n_stats,
 )
+from mlearn.evaluation.protocols.trials import read_trials, run_protocol
 from mlearn.models.speaker import AUDIO_INPUT_SPEC
 
 # --------------------------------------------------------------------------------- EER variants
@@ -126,12 +125,12 @@ def test_as_norm_matches_direct_formula(top_n, kind):
     table = np.concatenate([enroll, test])
     e_idx, t_idx = np.arange(6), np.arange(6, 12)
     mu, sd = cohort_score_stats(table, cohort, top_n, chunk=4)
-    via_index = apply_score_norm(cosine_scores(table, e_idx, t_idx), mu[e_idx], sd[e_idx], mu[t_idx], sd[t_idx],
-                                 kind)
+    via_index = apply_score_norm(cosine_scores(table, e_idx, t_idx), mu[e_idx], sd[e_idx], mu[t_idx],
+                                 sd[t_idx], kind)
     np.testing.assert_allclose(via_index, expected, atol=1e-12)
     cohort_scores = _unit(table) @ _unit(cohort).T
-    np.testing.assert_allclose(as_norm(raw, cohort_scores, cohort_scores, top_n, kind, e_idx, t_idx), expected,
-                               atol=1e-12)
+    np.testing.assert_allclose(as_norm(raw, cohort_scores, cohort_scores, top_n, kind, e_idx, t_idx),
+                               expected, atol=1e-12)
 
 
 def test_s_norm_when_top_n_covers_cohort_and_errors():
@@ -252,7 +251,8 @@ def _write_corpus(root: Path):
             sf.write(path, _utterance(spk, u, 0.6), SR, subtype="PCM_16")
     names = sorted(keys)
     lines = [f"{int(keys[a] == keys[b])} {a} {b}" for i, a in enumerate(names) for b in names[i + 1:]]
-    lines += ["1 id10000/vid0/00000.wav id10000/vid9/00009.wav", "0 id10000/vid9/00009.wav id10001/vid0/00000.wav"]
+    lines += ["1 id10000/vid0/00000.wav id10000/vid9/00009.wav",
+              "0 id10000/vid9/00009.wav id10001/vid0/00000.wav"]
     (root / "trials.txt").write_text("\n".join(lines) + "\n")
     return names, keys
 
@@ -274,27 +274,29 @@ def _cos(a, b):
 def test_run_protocol_end_to_end(tmp_path):
     names, keys = _write_corpus(tmp_path)
     model = FakeAudioModel()
-    protocol = {"type": "trials", "name": "tiny-O", "trials": "trials.txt", "wav_root": "wav", "cohort": "cohort",
-                "as_norm_top_n": 2, "baselines": ["mfcc_mean"]}
+    protocol = {"type": "trials", "name": "tiny-O", "trials": "trials.txt", "wav_root": "wav",
+                "cohort": "cohort", "as_norm_top_n": 2, "baselines": ["mfcc_mean"]}
     rows = run_protocol(model, protocol, tmp_path, batch_size=2)
     assert [r["method"] for r in rows] == ["model", "model+as-norm", "mfcc_mean"]
     n_trials = len(names) * (len(names) - 1) // 2
     model_row, norm_row, base_row = rows
-    assert model_row["trials"] == n_trials and model_row["skipped_trials"] == 2 and model_row["unreadable_wavs"] == 1
+    assert model_row["trials"] == n_trials and model_row["skipped_trials"] == 2
+    assert model_row["unreadable_wavs"] == 1
     assert model_row["targets"] == 9 and model_row["nontargets"] == 27
-    assert list(model_row["_table"]) == ["benchmark", "method", "trials", "skipped", "EER% (NIST)", "minDCF0.01",
+    assert list(model_row.table) == ["benchmark", "method", "trials", "skipped", "EER% (NIST)", "minDCF0.01",
                                          "minDCF0.05"]
-    # the trials of the unreadable wav are reported loudly: a column, a legend line naming the file, results.json
+    # the trials of the unreadable wav are reported loudly: a column, a legend line naming the file,
+    # results.json
     bad = str(tmp_path / "wav" / "id10000" / "vid9" / "00009.wav")
-    assert model_row["_table"]["skipped"] == "2" and list(model_row["unreadable"]) == [bad]
+    assert model_row.table["skipped"] == "2" and list(model_row["unreadable"]) == [bad]
     assert model_row["unreadable"][bad].startswith("unreadable: ")
-    assert "2 trials NOT scored" in model_row["_legend"] and bad in model_row["_legend"]
+    assert "2 trials NOT scored" in model_row.legend and bad in model_row.legend
     assert model_row["p_target"] == [0.01, 0.05] and "NIST" in model_row["eer_variant"]
     assert norm_row["as_norm_top_n"] == 2 and norm_row["cohort_speakers"] == 3
     assert "AS-norm" in norm_row["normalisation"]
     # batches hold equal frame counts only and at most batch_size utterances
     assert all(shape[0] <= 2 for shape in model.batches) and any(shape[0] == 2 for shape in model.batches)
-    json.dumps({k: v for r in rows for k, v in r.items() if not k.startswith("_")})
+    json.dumps([r.values for r in rows])
 
     # direct recomputation: per-wav fbank + CMN + embedding, cohort mean, speaker means, AS-norm formula
     emb = {k: _direct_embedding(tmp_path / "wav" / k) for k in names}
@@ -305,8 +307,8 @@ def test_run_protocol_end_to_end(tmp_path):
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     labels = np.array([int(keys[a] == keys[b]) for a, b in pairs])
     raw = np.array([_cos(emb[a] - mean, emb[b] - mean) for a, b in pairs])
-    np.testing.assert_allclose(model_row["_scores"], raw, atol=1e-5)
-    np.testing.assert_array_equal(model_row["_labels"], labels)
+    np.testing.assert_allclose(model_row.scores, raw, atol=1e-5)
+    np.testing.assert_array_equal(model_row.labels, labels)
     assert model_row["eer"] == pytest.approx(eer_nist(raw, labels), abs=1e-6)
     assert model_row["min_dcf"]["0.05"] == pytest.approx(min_dcf(raw, labels, 0.05), abs=1e-6)
     assert model_row["eer"] < 0.2  # the fake embedding does separate the synthetic speakers
@@ -318,11 +320,11 @@ def test_run_protocol_end_to_end(tmp_path):
     for (a, b), s in zip(pairs, raw):
         (mu_e, sd_e), (mu_t, sd_t) = stats(emb[a]), stats(emb[b])
         normed.append(0.5 * ((s - mu_e) / sd_e + (s - mu_t) / sd_t))
-    np.testing.assert_allclose(norm_row["_scores"], normed, atol=1e-4)
+    np.testing.assert_allclose(norm_row.scores, normed, atol=1e-4)
 
     base = {k: _direct_embedding(tmp_path / "wav" / k, baseline=True) for k in names}
     cohort_base = np.stack([_direct_embedding(p, baseline=True) for p in cohort_files]).mean(0)
-    np.testing.assert_allclose(base_row["_scores"], [_cos(base[a] - cohort_base, base[b] - cohort_base)
+    np.testing.assert_allclose(base_row.scores, [_cos(base[a] - cohort_base, base[b] - cohort_base)
                                                      for a, b in pairs], atol=1e-5)
 
 
@@ -338,7 +340,7 @@ def test_run_protocol_kaldi_cohort_dir_and_no_cohort(tmp_path):
     scp = run_protocol(FakeAudioModel(), {**base, "cohort": "cohort_kaldi"}, tmp_path, 4)
     assert scp[1]["method"] == "model+s-norm" and scp[1]["cohort_layout"] == "kaldi dir"  # 300 >= 3 speakers
     for a, b in zip(folder, scp):
-        np.testing.assert_allclose(a["_scores"], b["_scores"], atol=1e-6)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
     plain = run_protocol(FakeAudioModel(), {"trials": "trials.txt", "wav_root": "wav"}, tmp_path, 4)
     assert [r["method"] for r in plain] == ["model"] and plain[0]["benchmark"] == "trials"
     assert plain[0]["normalisation"] == "L2"
@@ -353,7 +355,8 @@ def test_run_protocol_errors(tmp_path):
     model = FakeAudioModel()
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['top_n'\]"):
         run_protocol(model, {"trials": "trials.txt", "wav_root": "wav", "top_n": 3}, tmp_path, 4)
-    with pytest.raises(FileNotFoundError, match=r"vox1-O: trial list .*missing.txt not found .*datasets/voxceleb.md"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"vox1-O: trial list .*missing.txt not found .*datasets/voxceleb.md"):
         run_protocol(model, {"name": "vox1-O", "trials": "missing.txt", "wav_root": "wav"}, tmp_path, 4)
     with pytest.raises(ValueError, match="baseline='raw'"):
         run_protocol(model, {"trials": "trials.txt", "wav_root": "wav", "baselines": ["raw"]}, tmp_path, 4)
@@ -416,13 +419,13 @@ def test_wavs_shorter_than_one_frame_are_skipped_and_reported(tmp_path, samples)
     model = FakeAudioModel()
     row = run_protocol(model, protocol, tmp_path, 4)[0]
     assert row["skipped_trials"] == 2 and row["unreadable_wavs"] == 1 and row["trials"] == 36
-    assert row["unreadable"] == {str(short): f"too short: {samples} samples ({samples / 16:g} ms), no full 25 ms "
-                                             "fbank frame"}
-    assert "2 trials NOT scored" in row["_legend"] and "1 too short (e.g." in row["_legend"]
+    reason = f"too short: {samples} samples ({samples / 16:g} ms), no full 25 ms fbank frame"
+    assert row["unreadable"] == {str(short): reason}
+    assert "2 trials NOT scored" in row.legend and "1 too short (e.g." in row.legend
     assert all(shape[1] > 0 for shape in model.batches)
     short.unlink()  # the same scores as when the wav is simply absent
     again = run_protocol(FakeAudioModel(), protocol, tmp_path, 4)[0]
-    np.testing.assert_allclose(row["_scores"], again["_scores"])
+    np.testing.assert_allclose(row.scores, again.scores)
     assert again["unreadable"][str(short)] == "unreadable: file not found"
 
 
@@ -431,7 +434,8 @@ def test_no_usable_trial_wav_names_the_rate_and_a_file(tmp_path):
     for path in (tmp_path / "wav").rglob("*.wav"):
         sf.write(path, np.zeros(8000, np.float32), 8000)
     with pytest.raises(ValueError) as info:
-        run_protocol(FakeAudioModel(), {"name": "vox", "trials": "trials.txt", "wav_root": "wav"}, tmp_path, 4)
+        run_protocol(FakeAudioModel(), {"name": "vox", "trials": "trials.txt", "wav_root": "wav"},
+                     tmp_path, 4)
     message = str(info.value)
     assert message.startswith(f"vox: none of the 10 trial wavs under {tmp_path / 'wav'} can be used: "
                               "10 wrong sample rate (e.g. ")
@@ -454,14 +458,16 @@ def test_failure_summary_counts_by_kind():
 
     failures = {"a.wav": "too short: 3 samples", "b.wav": "wrong sample rate: 8000 Hz, expected 16000 Hz",
                 "c.wav": "wrong sample rate: 44100 Hz, expected 16000 Hz"}
-    assert failure_kinds(failures) == {"wrong sample rate": (2, "b.wav: wrong sample rate: 8000 Hz, expected 16000 Hz"),
-                                       "too short": (1, "a.wav: too short: 3 samples")}
-    assert summarize_failures(failures) == ("2 wrong sample rate (e.g. b.wav: wrong sample rate: 8000 Hz, expected "
-                                            "16000 Hz); 1 too short (e.g. a.wav: too short: 3 samples)")
+    assert failure_kinds(failures) == {
+        "wrong sample rate": (2, "b.wav: wrong sample rate: 8000 Hz, expected 16000 Hz"),
+        "too short": (1, "a.wav: too short: 3 samples")}
+    assert summarize_failures(failures) == (
+        "2 wrong sample rate (e.g. b.wav: wrong sample rate: 8000 Hz, expected 16000 Hz); "
+        "1 too short (e.g. a.wav: too short: 3 samples)")
 
 
 def test_non_finite_float_wav_is_unusable_not_a_nan_model(tmp_path):
-    from mlearn.evaluation.speaker import embed_wavs
+    from mlearn.inference_audio import embed_wavs
 
     good = tmp_path / "good.wav"
     sf.write(good, _utterance(0, 0, 0.5), SR, subtype="FLOAT")

@@ -10,14 +10,14 @@ import pytest
 import torch
 import yaml
 
-from mlearn.data.fbank import INPUT_SCALE, kaldi_fbank
-from mlearn.data.synthetic_speech import (
+from mlearn.data.audio.fbank import INPUT_SCALE, kaldi_fbank
+from mlearn.data.synthetic.speech import (
     make_speaker_dataset,
     sample_channel,
     sample_speaker,
     synthesize_utterance,
 )
-from mlearn.evaluation.speaker import mfcc_mean, read_trials
+from mlearn.evaluation.protocols.trials import mfcc_mean, read_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "speaker").glob("*.yaml"))
@@ -31,7 +31,8 @@ def test_synthetic_corpus_layout_disjoint_and_cached(tmp_path):
     train = sorted(p.name for p in (root / "train").iterdir())
     val = sorted(p.name for p in (root / "val").iterdir())
     assert train == ["id00000", "id00001", "id00002"] and val == ["id00003", "id00004", "id00005"]
-    assert sorted(str(p.relative_to(root / "train")) for p in (root / "train" / "id00001").rglob("*.wav")) == [
+    wavs = (root / "train" / "id00001").rglob("*.wav")
+    assert sorted(str(p.relative_to(root / "train")) for p in wavs) == [
         "id00001/v000/00000.wav", "id00001/v001/00001.wav"]
     import soundfile as sf
 
@@ -130,10 +131,12 @@ def test_recipes_follow_wespeaker():
     assert ecapa["model"]["backbone"]["init_args"] == {"channels": 512, "embedding_size": 192}
     assert resnet["model"]["backbone"]["init_args"] == {"base_channels": 32, "embedding_size": 256}
     for recipe in (ecapa, resnet):
-        schedule = next(c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("MarginScheduler"))
-        assert schedule["init_args"] == {"initial_margin": 0.0, "final_margin": 0.2, "increase_start_epoch": 20,
-                                         "fix_start_epoch": 40, "increase_type": "exp", "interval": "step"}
-        assert recipe["trainer"]["max_epochs"] == 150 and recipe["model"]["warmup_epochs"] == 6
+        callbacks = recipe["trainer"]["callbacks"]
+        margins = next(c for c in callbacks if c["class_path"].endswith("MarginScheduler"))
+        assert margins["init_args"] == {"initial_margin": 0.0, "final_margin": 0.2,
+                                        "increase_start_epoch": 20, "fix_start_epoch": 40,
+                                        "increase_type": "exp", "interval": "step"}
+        assert recipe["trainer"]["max_epochs"] == 150 and recipe["model"]["schedule"]["warmup_epochs"] == 6
         assert recipe["data"]["init_args"]["speeds"] == [1.0, 0.9, 1.1]
         assert recipe["model"]["optimizer"]["init_args"] == {"lr": 0.4, "momentum": 0.9, "nesterov": True,
                                                             "weight_decay": 1.0e-4}
@@ -151,7 +154,8 @@ def test_quickstart_end_to_end_tiny(tmp_path, monkeypatch):
 
     config = yaml.safe_load((ROOT / "configs" / "speaker" / "quickstart.yaml").read_text())
     data_root = tmp_path / "speakers"
-    config["trainer"].update(max_epochs=2, limit_train_batches=2, log_every_n_steps=1, enable_progress_bar=False)
+    config["trainer"].update(max_epochs=2, limit_train_batches=2, log_every_n_steps=1,
+                             enable_progress_bar=False)
     config["trainer"]["callbacks"][0]["init_args"].update(increase_start_epoch=1, fix_start_epoch=2)
     config["data"]["init_args"].update(root=str(data_root), batch_size=4, num_workers=0, crop_seconds=0.5,
                                        noise_dir=str(data_root / "musan"), rir_dir=str(data_root / "rirs"),

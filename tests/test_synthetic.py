@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 
-from mlearn.data.bins import read_bin, write_bin
-from mlearn.data.synthetic import make_face_dataset, render_face, sample_identity
+from mlearn.data.images.bins import read_bin, write_bin
+from mlearn.data.synthetic.faces import make_face_dataset, render_face, sample_identity
 
 
 def test_bin_round_trip(tmp_path):

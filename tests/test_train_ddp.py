@@ -17,7 +17,7 @@ from data_utils import write_palette_rec
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from mlearn.data.datamodule import FaceDataModule
+from mlearn.data.images.datamodule import FaceDataModule
 
 CLASSES, PER_CLASS, SIZE, WORLD, PER_RANK, STEPS = 5, 8, 16, 2, 4, 4  # 40 images, 5 global batches/epoch
 
@@ -42,6 +42,7 @@ def write_rec(root: Path) -> Path:
 def make_module():
     from mlearn.heads import AdaFace
     from mlearn.module import EmbeddingModule, HeadConfig
+    from mlearn.schedules import LRSchedule
 
     class Module(EmbeddingModule):
         def configure_model(self) -> None:
@@ -53,7 +54,7 @@ def make_module():
 
     torch.manual_seed(0)
     return Module(FlatNet(), HeadConfig(margin=AdaFace(s=16.0, m=0.3)), num_classes=CLASSES,
-                  warmup_epochs=0.4, schedule="poly", clip_backbone_grad_norm=50.0)
+                  schedule=LRSchedule("poly", warmup_epochs=0.4), clip_backbone_grad_norm=50.0)
 
 
 def fit(rec: Path, out: Path, batch_size: int, devices: int = 1, strategy: object = "auto",

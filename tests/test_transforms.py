@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from mlearn.data.transforms import (
+from mlearn.data.images.transforms import (
     LowResolution,
     ZeroPadRandomCrop,
     build_transform,
@@ -141,30 +141,21 @@ def test_uint8_output_normalised_later_matches_float(preset: str) -> None:
         build_transform("eval", output="half")
 
 
-def test_mirror_flags_deferred_to_normalize_images() -> None:
-    """fill_batch(mirror=...) writes the images as they are and records the flips; normalize_images
-    applies them: the same floats as the float transform, which mirrors on the CPU."""
+def test_uint8_fill_batch_then_normalize_images_equals_the_float_transform() -> None:
+    """fill_batch writes the uint8 images flipped as drawn (None entries skipped); normalize_images on
+    the device then gives the same floats as the float transform."""
     images = [face(size=24, seed=s) for s in range(6)]
-    deferred, on_cpu = build_transform("standard", 24, output="uint8"), build_transform("standard", 24)
-    for transform in (deferred, on_cpu):
+    as_uint8, as_float = build_transform("standard", 24, output="uint8"), build_transform("standard", 24)
+    for transform in (as_uint8, as_float):
         transform.set_random_state(np.random.default_rng(1), random.Random(1))
     out = np.empty((6, 24, 24, 3), np.uint8)
-    mirror = np.zeros(6, dtype=bool)
-    assert deferred.defers_mirror and not on_cpu.defers_mirror
-    assert deferred.fill_batch(images[:2] + [None] + images[3:], out, mirror=mirror) == [0, 1, 3, 4, 5]
-    assert 0 < mirror[:5].sum() < 5
-    assert all(np.array_equal(out[k], image) for k, image in enumerate(images[:2] + images[3:]))
-    expected = torch.stack([on_cpu(image) for image in images[:2] + images[3:]])
-    torch.testing.assert_close(normalize_images(torch.from_numpy(out[:5]), torch.from_numpy(mirror[:5])),
-                               expected, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="needs output='uint8'"):
-        on_cpu.fill_batch(images, np.empty((6, 3, 24, 24), np.float32), mirror=mirror)
-    with pytest.raises(ValueError, match="mirror flags come with uint8 batches only"):
-        normalize_images(expected, torch.zeros(5, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"mirror must be bool \[B\]"):
-        normalize_images(torch.from_numpy(out), torch.zeros(5, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"mirror must be bool \[B\]"):
-        normalize_images(torch.from_numpy(out), torch.zeros(6, dtype=torch.uint8))
+    assert as_uint8.fill_batch(images[:2] + [None] + images[3:], out) == [0, 1, 3, 4, 5]
+    kept = images[:2] + images[3:]
+    flipped = [not np.array_equal(out[k], image) for k, image in enumerate(kept)]
+    assert 0 < sum(flipped) < 5
+    assert all(np.array_equal(out[k], image[:, ::-1]) for k, image in enumerate(kept) if flipped[k])
+    expected = torch.stack([as_float(image) for image in kept])
+    torch.testing.assert_close(normalize_images(torch.from_numpy(out[:5])), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("horizontal_last", [False, True])  # True: the flip is fused into the output copy
@@ -174,7 +165,7 @@ def test_pipeline_transforms_draw_independently(horizontal_last: bool, output: s
     set_random_seed would give both the same seed, so they would be applied both or neither)."""
     import albumentations as A
 
-    from mlearn.data.transforms import ImageTransform
+    from mlearn.data.images.transforms import ImageTransform
 
     image = np.zeros((8, 8, 3), np.uint8)
     image[0, 0] = 255  # the marker's corner tells which flips were applied

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from mlearn.averaging import last_checkpoints
-from mlearn.data.bins import read_bin, write_bin
+from mlearn.data.images.bins import read_bin, write_bin
 from mlearn.export import MIN_COSINE, TOLERANCE, ParityReport, check_parity
 from mlearn.inference import DEFAULT_IMAGE_SPEC, Embedder, load_model, resolve_checkpoint
 from mlearn.models import IResNet

@@ -21,7 +21,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dir", help="checkpoint folder: average its --num newest (by epoch/step)")
     source.add_argument("--ckpts", nargs="+", help="checkpoint files, oldest first")
-    parser.add_argument("--num", type=int, default=10, help="how many of --dir's newest checkpoints (default 10)")
+    parser.add_argument("--num", type=int, default=10,
+                        help="how many of --dir's newest checkpoints (default 10)")
     parser.add_argument("--output", required=True, help="averaged checkpoint to write")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="load legacy pickled checkpoints (runs code named by the files: only for "

@@ -71,7 +71,8 @@ def _old_parser(idx_path: Path) -> tuple:
 
 def child(mode: str, folder: Path) -> Dict[str, float]:
     """Run one row in this (fresh) process: extra peak RSS in bytes and seconds."""
-    from mlearn.data.recordio import RecordIOReader, _read_index
+    from mlearn.data.images.recordio import RecordIOReader
+    from mlearn.data.images.recordio_index import _read_index
 
     idx = folder / "train.idx"
     before, anon_before = _status("VmRSS"), _status("RssAnon")

@@ -2,7 +2,7 @@
 
 Synthetic data with IJB-C's sizes (469k image features x 512 in 23,124 templates, heavy-tailed images
 per template, several frames per video media; 15.66M gallery x probe template pairs, 19,557 genuine),
-scored by ``mlearn.evaluation.ijb`` exactly as ``score_ijb`` does. Nothing is read from disk.
+scored by ``mlearn.evaluation.metrics.ijb`` exactly as ``score_ijb`` does. Nothing is read from disk.
 
 Columns:
   stage       pooling = template_features (detector-weighted, media mean, sum, L2);
@@ -115,12 +115,8 @@ def main() -> None:
 
     import sklearn.metrics  # noqa: F401  (imported up front: its ~2 s import is not scoring time)
 
-    from mlearn.evaluation.ijb import (
-        identification_1n,
-        pair_scores,
-        template_features,
-        verification_rows,
-    )
+    from mlearn.evaluation.metrics.ijb import identification_1n, pair_scores, template_features
+    from mlearn.evaluation.protocols.ijb import verification_rows
 
     t0 = time.perf_counter()
     feats, templates, medias, det, t1, t2, labels, galleries, probes = _synthetic(a)

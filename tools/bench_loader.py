@@ -40,9 +40,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mlearn.data.corrupt import collate_skip_corrupt, decode_image
-from mlearn.data.recordio import RecordIODataset, RecordIOWriter
-from mlearn.data.transforms import build_transform
+from mlearn.data.corrupt import collate_skip_corrupt
+from mlearn.data.images.base import decode_image
+from mlearn.data.images.recordio import RecordIOWriter
+from mlearn.data.images.recordio_dataset import RecordIODataset
+from mlearn.data.images.transforms import build_transform
 
 
 def make_rec(root: Path, count: int, size: int, quality: int, classes: int, seed: int = 0) -> List[bytes]:

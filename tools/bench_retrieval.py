@@ -95,7 +95,7 @@ def _measure(cfg: Dict[str, Any]) -> Dict[str, Any]:
     import faiss  # noqa: F401  (imported before the measurement: torch alone is ~0.7 GB of RSS)
     import torch  # noqa: F401
 
-    from mlearn.evaluation.retrieval import retrieval_metrics
+    from mlearn.evaluation.metrics.retrieval import retrieval_metrics
 
     query, query_labels, gallery, gallery_labels = make_data(cfg)
     ks = cfg["ks"]
@@ -131,7 +131,8 @@ def _threads() -> str:
 
 
 def main(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gallery", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=512)
@@ -140,7 +141,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--batch-size", type=int, default=1024, help="queries per search batch")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--gpu", action="store_true", help="FAISS GPU index (default: CPU, to compare with numpy)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="FAISS GPU index (default: CPU, to compare with numpy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="100k x 128 gallery, 1k queries")
     args = parser.parse_args(argv)
@@ -162,7 +164,8 @@ def main(argv: List[str]) -> int:
           f"ks={args.ks} batch={args.batch_size} device={'gpu' if args.gpu else 'cpu'} {_threads()} "
           f"cpus={os.cpu_count()}")
     metric_cols = [f"recall@{k}" for k in args.ks] + ["map"]
-    header = f"{'method':<12}{'seconds':>10}{'peak_MB':>10}{'extra_MB':>10}" + "".join(f"{c:>11}" for c in metric_cols)
+    header = (f"{'method':<12}{'seconds':>10}{'peak_MB':>10}{'extra_MB':>10}"
+              + "".join(f"{c:>11}" for c in metric_cols))
     print(header)
     print("-" * len(header))
     for method, r in results.items():
@@ -174,7 +177,8 @@ def main(argv: List[str]) -> int:
     ok = {m: r for m, r in results.items() if "error" not in r}
     if "faiss_topk" in ok and "numpy_topk" in ok:
         ratio = ok["numpy_topk"]["seconds"] / ok["faiss_topk"]["seconds"]
-        agree = all(abs(ok["numpy_topk"][f"recall@{k}"] - ok["faiss_topk"][f"recall@{k}"]) < 1e-9 for k in args.ks)
+        agree = all(abs(ok["numpy_topk"][f"recall@{k}"] - ok["faiss_topk"][f"recall@{k}"]) < 1e-9
+                    for k in args.ks)
         print(f"numpy_topk / faiss_topk time: {ratio:.2f}x; recall@k agree: {'yes' if agree else 'NO'}")
     if "faiss_topk" in ok and "faiss_full" in ok:
         print(f"full-ranking mAP pass alone (faiss_full - faiss_topk): "

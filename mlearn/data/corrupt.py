@@ -1,27 +1,21 @@
-"""Decoding encoded images, and skipping (and counting) corrupt samples instead of dying mid-epoch.
+"""Skipping (and counting) corrupt samples instead of dying mid-epoch, for every modality.
 
 A dataset in non-strict mode returns ``None`` for a sample it cannot read or decode;
 :func:`collate_skip_corrupt` drops those from the batch and reports how many it dropped, so the
 training loop can sum the count and report it at the end of the epoch. Datasets that assemble whole
-batches themselves return an :class:`ImageBatch` (or :class:`UnmirroredBatch`), which the collate
-function passes through.
+batches themselves return a :class:`Batch` (e.g. :class:`mlearn.data.images.batches.ImageBatch`),
+which the collate function passes through. :func:`summarize_failures` condenses the reasons of many
+unusable files into one line.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import cv2
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from mlearn.data.batches import AnyImageBatch, ImageBatch, UnmirroredBatch
-
 log = logging.getLogger(__name__)
-
-# OpenCV >= 4.10 decodes straight to RGB (one pass less than decode + cvtColor)
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 class CorruptSampleError(RuntimeError):
@@ -46,61 +40,44 @@ def _from_worker(message: str) -> str:
     return f"{text if found else last.strip()} ({where})"
 
 
-def decode_image(data: bytes, where: Union[str, Callable[[], str]]) -> np.ndarray:
-    """Decode JPEG/PNG/BMP/WebP ``data``. Returns uint8 [H, W, 3] RGB.
-
-    Grayscale images are expanded to three channels and alpha is dropped. Raises
-    :class:`CorruptSampleError` naming ``where`` (a string, or a callable giving it, formatted only
-    on failure) when the bytes are not a decodable image.
-    """
-    if not data:
-        raise CorruptSampleError(f"{where_text(where)}: empty image payload")
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, _IMREAD_RGB if _IMREAD_RGB is not None else cv2.IMREAD_COLOR)
-    if image is None:
-        raise CorruptSampleError(f"{where_text(where)}: cannot decode image ({len(data)} bytes, "
-                                 f"starts {data[:4].hex()})")
-    return image if _IMREAD_RGB is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def where_text(where: Union[str, Callable[[], str]]) -> str:
     """``where`` itself, or the text its callable gives (error messages built only when needed)."""
     return where if isinstance(where, str) else where()
 
 
-def image_extension(data: bytes) -> str:
-    """File extension (``.jpg``, ``.png``, ...) matching the signature of encoded image ``data``."""
-    if data[:3] == b"\xff\xd8\xff":
-        return ".jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return ".png"
-    if data[:2] == b"BM":
-        return ".bmp"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return ".jpg"  # unknown: insightface sets are JPEG; the decoder sniffs the content anyway
+class Batch(NamedTuple):
+    """A collated batch: ``inputs [B', ...]``, ``labels [B']`` int64, and ``num_corrupt`` samples dropped
+    (``B' = B - num_corrupt``)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    num_corrupt: int
 
 
-def collate_skip_corrupt(batch: Union[AnyImageBatch, Sequence[Optional[Tuple[Any, int]]]]) -> AnyImageBatch:
-    """Collate ``(image, label)`` samples, dropping the ``None`` of corrupt ones (an
-    :class:`ImageBatch` or :class:`UnmirroredBatch` a dataset assembled itself is returned as it is).
+Samples = Sequence[Optional[Tuple[Any, int]]]  # (input, label) or None for a corrupt sample
 
-    Returns ``(images [B', ...], labels [B'] int64, num_corrupt)`` with ``B' = B - num_corrupt``.
-    Images that are numpy arrays (no transform) are stacked as tensors of their dtype. When every
-    sample of the batch is corrupt the trailing shape is unknown: ``images`` is an empty float32
-    tensor of shape [0] and ``labels`` an empty int64 tensor; the training step should skip a batch
-    with ``labels.numel() == 0``.
+
+def collate_skip_corrupt(batch: Union[Tuple[Any, ...], Samples]) -> Tuple[Any, ...]:
+    """Collate ``(input, label)`` samples into a :class:`Batch`, dropping the ``None`` of corrupt ones; a
+    batch a dataset assembled itself (a tuple, e.g. an ``ImageBatch``, not a list of samples) is
+    returned as it is.
+
+    Returns ``(inputs [B', ...], labels [B'] int64, num_corrupt)`` with ``B' = B - num_corrupt``.
+    Inputs that are numpy arrays (images without a transform) are stacked as tensors of their dtype.
+    When every sample of the batch is corrupt the trailing shape is unknown: ``inputs`` is an empty
+    float32 tensor of shape [0] and ``labels`` an empty int64 tensor; the training step should skip a
+    batch with ``labels.numel() == 0``.
     """
-    if isinstance(batch, (ImageBatch, UnmirroredBatch)):
+    if isinstance(batch, tuple):
         return batch
     good: List[Tuple[Any, int]] = [sample for sample in batch if sample is not None]
     num_corrupt = len(batch) - len(good)
     if num_corrupt:
         log.debug("dropped %d corrupt sample(s) from a batch of %d", num_corrupt, len(batch))
     if not good:
-        return ImageBatch(torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.long), num_corrupt)
-    images, labels = default_collate(good)
-    return ImageBatch(images, torch.as_tensor(labels, dtype=torch.long), num_corrupt)
+        return Batch(torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.long), num_corrupt)
+    inputs, labels = default_collate(good)
+    return Batch(inputs, torch.as_tensor(labels, dtype=torch.long), num_corrupt)
 
 
 def failure_kinds(failures: Dict[str, str]) -> Dict[str, Tuple[int, str]]:

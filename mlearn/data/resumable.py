@@ -1,8 +1,6 @@
-"""``ResumableDataModule``: training data in the seeded, resumable order of :mod:`mlearn.data.samplers`."""
+"""``ResumableDataModule``: training data in the seeded, resumable order of :mod:`mlearn.data.order`."""
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import pytorch_lightning as pl
@@ -10,9 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlearn.data.corrupt import collate_skip_corrupt
-from mlearn.data.samplers import EpochPermutationSampler, EpochSeededDataset
-
-log = logging.getLogger(__name__)
+from mlearn.data.order import EpochPermutationSampler, EpochSeededDataset
+from mlearn.resume import position_to_resume, sample_position
 
 
 class ResumableDataModule(pl.LightningDataModule):
@@ -69,29 +66,12 @@ class ResumableDataModule(pl.LightningDataModule):
         )
 
     def state_dict(self) -> Dict[str, Any]:
-        """The sample-order position: ``{seed, epoch, samples, global_batch}`` (``samples``: global
-        samples of ``epoch`` consumed). Lightning stores it in every checkpoint."""
-        trainer = self.trainer
-        if trainer is None or self._sampler is None:
+        """The sample-order position (:func:`mlearn.resume.sample_position`); Lightning stores it in every
+        checkpoint."""
+        if self._sampler is None:
             return {}
-        batches = int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
-        per_epoch = trainer.num_training_batches
-        if not isinstance(per_epoch, int) or per_epoch <= 0:
-            return {}
-        epoch, within = divmod(batches, per_epoch)
-        global_batch = self._sampler.global_batch
-        return {"seed": self.seed, "epoch": epoch, "samples": within * global_batch,
-                "global_batch": global_batch}
+        return sample_position(self.trainer, self.seed, self._sampler.global_batch)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Position the next training DataLoader where ``state_dict`` (of :meth:`state_dict`) stopped."""
-        if not state_dict:
-            return
-        if int(state_dict.get("seed", self.seed)) != self.seed:
-            log.warning("resuming with data seed %d, the checkpoint used %s: the sample order changes",
-                        self.seed, state_dict["seed"])
-        self._resume = {"epoch": int(state_dict["epoch"]), "samples": int(state_dict["samples"])}
-        # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is stateful;
-        # here the data module restores the position instead
-        warnings.filterwarnings("ignore",
-                                message="You're resuming from a checkpoint that ended before the epoch")
+        self._resume = position_to_resume(state_dict, self.seed)

@@ -7,11 +7,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
+from torch import nn
 
-from mlearn.data.bins import read_bin
-from mlearn.evaluation.face_bins import bin_embeddings, verification_row
-from mlearn.inference import DEFAULT_IMAGE_SPEC, preprocess_images
+from mlearn.data import read_bin
+from mlearn.evaluation.metrics.verification import verify_pairs
+from mlearn.inference import DEFAULT_IMAGE_SPEC, TorchEmbedder, embed_batches
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +60,22 @@ class VerificationCallback(pl.Callback):
 
     def evaluate(self, pl_module: pl.LightningModule) -> Dict[str, float]:
         backbone = pl_module.backbone
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"VerificationCallback: the LightningModule's backbone is a "
+                            f"{type(backbone).__name__}, expected a torch.nn.Module")
         spec = dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC))
         was_training = backbone.training
-        backbone.eval()
-
-        def embed(batch: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(preprocess_images(batch, spec)).to(pl_module.device)
-            with torch.no_grad():
-                return backbone(x).float().cpu().numpy()
-
+        embedder = TorchEmbedder(backbone, spec, device=str(pl_module.device))  # sets eval mode
         metrics: Dict[str, float] = {}
         try:
             for name, (images, issame) in self._sets.items():
-                row = verification_row(name, "model", bin_embeddings(embed, images, self.batch_size, self.flip,
-                                                                     progress=False), issame, self.flip)
-                metrics.update({f"val/{name}/accuracy": row["accuracy"],
-                                f"val/{name}/accuracy_std": row["accuracy_std"],
-                                f"val/{name}/tar@far=1e-3": row["tar_at_far"][1e-3],
-                                f"val/{name}/eer": row["eer"]})
-                log.info("%s: accuracy %.5f ± %.5f", name, row["accuracy"], row["accuracy_std"])
+                batches = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
+                result = verify_pairs(embed_batches(embedder, batches, self.flip), issame)
+                metrics.update({f"val/{name}/accuracy": result["accuracy"],
+                                f"val/{name}/accuracy_std": result["accuracy_std"],
+                                f"val/{name}/tar@far=1e-3": result["tar_at_far"][1e-3],
+                                f"val/{name}/eer": result["eer"]})
+                log.info("%s: accuracy %.5f ± %.5f", name, result["accuracy"], result["accuracy_std"])
         finally:
             backbone.train(was_training)
         pl_module.log_dict(metrics)

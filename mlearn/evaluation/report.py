@@ -3,37 +3,70 @@ one-line summaries of skipped inputs (``{path: "kind: detail"}``, counted by kin
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 
-def format_table(rows: List[Dict[str, Any]]) -> str:
-    """Rows grouped by their ``_table`` columns (one block per protocol type), columns sized to fit."""
-    blocks: Dict[Tuple[str, ...], List[Dict[str, Any]]] = {}
+@dataclass
+class ResultRow:
+    """One result of one method on one benchmark.
+
+    ``values``: the public values as written to ``results.json`` (``benchmark`` and ``method`` among
+    them; metric rates as fractions); ``table``: the printed columns (formatted strings, e.g. %);
+    ``legend``: a line printed under the table; ``scores`` / ``labels`` [P]: pair or trial scores and
+    their 0/1 labels, for the ROC / DET plots. ``row[key]`` reads ``values[key]``.
+    """
+
+    values: Dict[str, Any]
+    table: Dict[str, str] = field(default_factory=dict)
+    legend: Optional[str] = None
+    scores: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+
+    @property
+    def benchmark(self) -> str:
+        return str(self.values.get("benchmark"))
+
+    @property
+    def method(self) -> str:
+        return str(self.values.get("method"))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+
+def format_table(rows: List[ResultRow]) -> str:
+    """Rows grouped by their ``table`` columns (one block per protocol type), columns sized to fit."""
+    blocks: Dict[Tuple[str, ...], List[Tuple[ResultRow, Dict[str, str]]]] = {}
     for row in rows:
-        table = row.get("_table") or {"benchmark": str(row.get("benchmark")), "method": str(row.get("method"))}
-        blocks.setdefault(tuple(table), []).append(row)
+        table = row.table or {"benchmark": row.benchmark, "method": row.method}
+        blocks.setdefault(tuple(table), []).append((row, table))
     out: List[str] = []
     for headers, block in blocks.items():
-        cells = [[str(r.get("_table", r).get(h, "")) for h in headers] for r in block]
+        cells = [[str(table.get(h, "")) for h in headers] for _, table in block]
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-        line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+        line = _table_line(list(headers), widths)
         out += [line, "-" * len(line)]
-        for c in cells:
-            out.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
-        legends = dict.fromkeys(r["_legend"] for r in block if r.get("_legend"))
+        out += [_table_line(c, widths) for c in cells]
+        legends = dict.fromkeys(r.legend for r, _ in block if r.legend)
         out += list(legends) + [""]
     return "\n".join(out).rstrip()
 
 
-def public_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Rows without their private (``_``-prefixed) keys, ready for JSON."""
-    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+def _table_line(cells: List[str], widths: List[int]) -> str:
+    """The first two columns (benchmark, method) left-aligned, the numbers right-aligned."""
+    return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(cells, widths)))
 
 
-def write_results(suite: str, rows: List[Dict[str, Any]], out: Path) -> Dict[str, Any]:
+def public_rows(rows: List[ResultRow]) -> List[Dict[str, Any]]:
+    """The rows' public values, ready for JSON."""
+    return [dict(r.values) for r in rows]
+
+
+def write_results(suite: str, rows: List[ResultRow], out: Path) -> Dict[str, Any]:
     """Write ``out/results.json`` ({suite, results: [row, ...]}); returns what was written."""
     results = {"suite": suite, "results": public_rows(rows)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
@@ -48,10 +81,11 @@ def _json_default(value: Any) -> Any:
     return float(value)
 
 
-def plot_curves(rows: List[Dict[str, Any]], out: Path) -> List[Path]:
+def plot_curves(rows: List[ResultRow], out: Path) -> List[Path]:
     """``roc.png`` (TAR vs FAR, log x) and ``det.png`` (miss vs false-alarm rate, normal-deviate axes) for
-    every row with ``_scores``/``_labels``; returns the files written (none when no row has scores)."""
-    scored = [r for r in rows if r.get("_scores") is not None and len(np.unique(r["_labels"])) == 2]
+    every row with ``scores``/``labels``; returns the files written (none when no row has scores)."""
+    scored = [r for r in rows
+              if r.scores is not None and r.labels is not None and len(np.unique(r.labels)) == 2]
     if not scored:
         return []
     import matplotlib
@@ -61,10 +95,10 @@ def plot_curves(rows: List[Dict[str, Any]], out: Path) -> List[Path]:
     from scipy.stats import norm
     from sklearn.metrics import roc_curve
 
-    curves = [(r, *roc_curve(np.asarray(r["_labels"]).astype(int), r["_scores"])[:2]) for r in scored]
+    curves = [(r, *roc_curve(np.asarray(r.labels).astype(int), r.scores)[:2]) for r in scored]
     fig, ax = plt.subplots(figsize=(5, 4))
     for r, fpr, tpr in curves:
-        ax.plot(np.maximum(fpr, 1e-6), tpr, label=f"{r['benchmark']} {r['method']}")
+        ax.plot(np.maximum(fpr, 1e-6), tpr, label=f"{r.benchmark} {r.method}")
     ax.set(xscale="log", xlabel="FAR", ylabel="TAR", title="ROC", xlim=(1e-4, 1), ylim=(0, 1.01))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -76,7 +110,7 @@ def plot_curves(rows: List[Dict[str, Any]], out: Path) -> List[Path]:
     fig, ax = plt.subplots(figsize=(5, 4))
     for r, fpr, tpr in curves:
         clip = lambda p: norm.ppf(np.clip(p, 1e-4, 1 - 1e-4))  # noqa: E731
-        ax.plot(clip(fpr), clip(1 - tpr), label=f"{r['benchmark']} {r['method']}")
+        ax.plot(clip(fpr), clip(1 - tpr), label=f"{r.benchmark} {r.method}")
     ax.set(xticks=norm.ppf(ticks), yticks=norm.ppf(ticks), xlabel="false alarm rate (%)",
            ylabel="miss rate (%)", title="DET", xlim=norm.ppf([5e-4, 0.6]), ylim=norm.ppf([5e-4, 0.6]))
     ax.set_xticklabels([f"{t * 100:g}" for t in ticks])

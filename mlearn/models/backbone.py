@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from mlearn.input_spec import image_spec
 from mlearn.registry import Registry, check_kwargs
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
@@ -88,10 +89,7 @@ class TimmBackbone(nn.Module):
                            f"see timm.list_models('*{model_name.split('_')[0]}*')")
         self.model_name = model_name
         self.embedding_size = int(embedding_size)
-        self.input_spec: Dict[str, Any] = {
-            "modality": "image", "input_size": [input_size, input_size], "channels": "RGB",
-            "mean": [127.5] * 3, "std": [127.5] * 3,
-        }
+        self.input_spec: Dict[str, Any] = image_spec(input_size)
         self.trunk = _create_timm(model_name, input_size, pretrained_path)
         num_features = _feature_dim(self.trunk, input_size)
         self.neck = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, embedding_size, bias=False),

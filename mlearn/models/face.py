@@ -5,22 +5,14 @@ Input: RGB float [B, 3, H, W] normalised as ``(x - 127.5) / 127.5``; output: raw
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mlearn.input_spec import DEFAULT_IMAGE_SPEC, image_spec
 from mlearn.models.backbone import register_backbone, register_variant
-
-FACE_INPUT_SPEC: Dict[str, Any] = {
-    "modality": "image", "input_size": [112, 112], "channels": "RGB",
-    "mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5],
-}
-
-
-def _face_spec(input_size: int) -> Dict[str, Any]:
-    return {**FACE_INPUT_SPEC, "input_size": [input_size, input_size]}
 
 
 def _conv_out(size: int, stride: int) -> int:
@@ -67,7 +59,7 @@ class IResNet(nn.Module):
     Weights of insightface checkpoints load through :func:`convert_insightface_iresnet`.
     """
 
-    input_spec = FACE_INPUT_SPEC
+    input_spec = DEFAULT_IMAGE_SPEC
 
     def __init__(
         self,
@@ -86,7 +78,7 @@ class IResNet(nn.Module):
             raise ValueError(f"width={width}, embedding_size={embedding_size}: expected positive integers")
         self.embedding_size = int(embedding_size)
         self.gradient_checkpointing = gradient_checkpointing
-        self.input_spec = _face_spec(input_size)
+        self.input_spec = image_spec(input_size)
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(width, eps=1e-5), nn.PReLU(width))
         stages: List[nn.Module] = []
@@ -237,7 +229,7 @@ class MobileFaceNet(nn.Module):
     by 16 (112 -> 7x7 GDC kernel).
     """
 
-    input_spec = FACE_INPUT_SPEC
+    input_spec = DEFAULT_IMAGE_SPEC
 
     def __init__(
         self,
@@ -253,7 +245,7 @@ class MobileFaceNet(nn.Module):
         if input_size % 16:
             raise ValueError(f"input_size={input_size}: must be divisible by 16")
         self.embedding_size = int(embedding_size)
-        self.input_spec = _face_spec(input_size)
+        self.input_spec = image_spec(input_size)
         b, c1, c2 = base_width, base_width * scale, 2 * base_width * scale
         first: nn.Module = (ConvBlock(c1, c1, kernel=3, padding=1, groups=b) if blocks[0] == 1
                             else Residual(c1, blocks[0], hidden=2 * b))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlearn.data.fbank import fbank_spec
+from mlearn.data.audio.fbank import fbank_spec
 from mlearn.models.backbone import register_backbone, register_variant
 
 
@@ -20,7 +20,8 @@ def _audio_spec(num_mel_bins: int) -> Dict[str, Any]:
     """The input spec recorded at export: every Kaldi fbank option (Hamming window, not Kaldi's povey
     default; dither 0 at inference; int16-range input scale; CMN), so that consumers can rebuild the
     front-end exactly."""
-    return {"modality": "audio", **fbank_spec({"num_mel_bins": num_mel_bins}), "layout": "[B, T, num_mel_bins]"}
+    return {"modality": "audio", **fbank_spec({"num_mel_bins": num_mel_bins}),
+            "layout": "[B, T, num_mel_bins]"}
 
 
 AUDIO_INPUT_SPEC: Dict[str, Any] = _audio_spec(80)

@@ -21,7 +21,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a limit, its output i
 step install 60 python3 -m pip install --no-index --no-deps --quiet .device_wheels/*.whl
 step env 30 python3 -c "import torch, mlearn; print(torch.__version__, torch.cuda.get_device_name(), \
     torch.cuda.is_available(), __import__('os').cpu_count(), 'CPUs')"
-step tests 200 python3 -m pytest -q -x -p no:cacheprovider tests
+step tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 --dist loadfile tests
 step loader 120 python3 tools/bench_train.py --parts loader --images 5000 --workers 0 1 2 4 8 --repeats 3
 step train 90 python3 tools/bench_train.py --parts train --device cuda --precision bf16-mixed \
     --train-steps 30 --train-warmup 5

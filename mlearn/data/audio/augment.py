@@ -1,4 +1,4 @@
-"""On-the-fly waveform augmentation for speaker training: additive noise, reverberation, speed.
+"""On-the-fly waveform augmentation for speaker training: additive noise and reverberation.
 
 All functions take and return float32 [N] waveforms at one sample rate (16 kHz by default).
 
@@ -10,7 +10,7 @@ All functions take and return float32 [N] waveforms at one sample rate (16 kHz b
   and convolved, the output truncated to the input length.
 * :class:`ReverbOrNoise`: with probability ``prob``, one of the two (uniformly), else unchanged
   (WeSpeaker's ``aug_prob: 0.6``).
-* :func:`speed_perturb`: resampling by 1/speed (tempo and pitch change together, as sox ``speed``).
+* speed perturbation: :func:`mlearn.data.audio.io.speed_perturb`.
 
 A noise or RIR file that cannot be read is logged once and dropped from the pool; the utterance is
 then returned unchanged rather than lost.
@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import logging
 import os
-from fractions import Fraction
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from scipy.signal import fftconvolve, resample_poly
+from scipy.signal import fftconvolve
 
-from mlearn.data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, audio_frames, crop_or_pad, read_audio
+from mlearn.data.audio.io import AUDIO_EXTENSIONS, SAMPLE_RATE, audio_frames, crop_or_pad, read_audio
 from mlearn.data.corrupt import CorruptSampleError
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-DEFAULT_SNR: Dict[str, Tuple[float, float]] = {"noise": (0.0, 15.0), "speech": (10.0, 30.0), "music": (5.0, 15.0)}
+DEFAULT_SNR: Dict[str, Tuple[float, float]] = {"noise": (0.0, 15.0), "speech": (10.0, 30.0),
+                                               "music": (5.0, 15.0)}
 
 
 def add_noise(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
@@ -51,22 +51,13 @@ def add_noise(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
 
 
 def reverberate(wave: np.ndarray, rir: np.ndarray) -> np.ndarray:
-    """Convolve with ``rir`` scaled to unit energy; the output keeps ``len(wave)`` samples (the tail is cut)."""
+    """Convolve with ``rir`` scaled to unit energy; the output keeps ``len(wave)`` samples (the tail is
+    cut)."""
     rir = np.asarray(rir, dtype=np.float64)
     energy = float(np.sqrt(np.sum(rir * rir)))
     if energy <= 0.0:
         return wave.copy()
     return fftconvolve(wave.astype(np.float64), rir / energy)[: len(wave)].astype(np.float32)
-
-
-def speed_perturb(wave: np.ndarray, speed: float) -> np.ndarray:
-    """Play ``wave`` ``speed`` times faster: resample to ``round(N / speed)`` samples (polyphase)."""
-    if speed <= 0:
-        raise ValueError(f"speed={speed}: expected a positive factor")
-    if speed == 1.0:
-        return wave
-    ratio = Fraction(1.0 / speed).limit_denominator(1000)
-    return resample_poly(wave, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
 def _scan_audio(root: Path) -> List[str]:

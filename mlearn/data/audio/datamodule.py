@@ -8,11 +8,14 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from mlearn.data.audio import SAMPLE_RATE, SpeakerAudioDataset, open_audio_dataset
-from mlearn.data.audio_augment import build_augmentation
-from mlearn.data.fbank import INPUT_SCALE, KaldiFbank
-from mlearn.data.folders import save_run_label_map
+from mlearn.data.audio.augment import build_augmentation
+from mlearn.data.audio.dataset import SpeakerAudioDataset, open_audio_dataset
+from mlearn.data.audio.fbank import INPUT_SCALE, KaldiFbank
+from mlearn.data.audio.io import SAMPLE_RATE
+from mlearn.data.corrupt import summarize_failures
+from mlearn.data.labels import save_run_label_map
 from mlearn.data.resumable import ResumableDataModule
+from mlearn.data.synthetic.speech import make_speaker_dataset
 
 log = logging.getLogger(__name__)
 PROBE_UTTERANCES = 64  # headers read before training (evenly spaced): a wrong rate shows at start-up
@@ -51,7 +54,7 @@ class SpeakerDataModule(ResumableDataModule):
             units, applied in training only).
         strict: raise on a corrupt utterance instead of skipping and counting it (and on any
             unusable utterance the start-up probe finds).
-        synthetic: keyword arguments of :func:`mlearn.data.synthetic_speech.make_speaker_dataset`.
+        synthetic: keyword arguments of :func:`mlearn.data.synthetic.speech.make_speaker_dataset`.
         seed: seed of the sample order and of the crops and augmentations.
     """
 
@@ -105,8 +108,6 @@ class SpeakerDataModule(ResumableDataModule):
     def dataset(self) -> SpeakerAudioDataset:
         if self._dataset is None:
             if self.synthetic is not None:
-                from mlearn.data.synthetic_speech import make_speaker_dataset
-
                 make_speaker_dataset(self.root, sample_rate=self.sample_rate, **self.synthetic)
             augment = build_augmentation(self.aug_prob, self.noise_dir, self.noise_snr, self.rir_dir,
                                          self.sample_rate)
@@ -153,8 +154,6 @@ def check_audio(dataset: SpeakerAudioDataset, root: Path, strict: bool = False,
     corrupt); ``ValueError`` (one line: counts by kind, an example file, its rate and the expected one)
     when every probed utterance is unusable, or with ``strict`` when any is.
     """
-    from mlearn.data.corrupt import summarize_failures
-
     probed, failures = dataset.probe(limit)
     if not failures:
         return

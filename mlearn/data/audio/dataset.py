@@ -1,4 +1,4 @@
-"""Speaker-labelled audio: VoxCeleb-style folders, Kaldi ``wav.scp`` + ``utt2spk`` lists, crops and pads.
+"""Speaker-labelled audio datasets: VoxCeleb-style folders and Kaldi ``wav.scp`` + ``utt2spk`` lists.
 
 Two layouts are read:
 
@@ -17,184 +17,35 @@ kind logged with its reason) or raises :class:`UnusableAudio`, a :class:`Corrupt
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
+from mlearn.data.audio.io import (
+    SAMPLE_RATE,
+    PathLike,
+    UnusableAudio,
+    audio_frames,
+    crop_or_pad,
+    read_audio,
+    speed_perturb,
+)
+from mlearn.data.audio.lists import read_kaldi_lists, scan_speaker_folder
 from mlearn.data.corrupt import CorruptSampleError
-from mlearn.data.folders import StringTable, remap_labels
+from mlearn.data.labels import StringTable, remap_labels, save_label_map
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
-AUDIO_EXTENSIONS = (".wav", ".flac")
-SAMPLE_RATE = 16000
 FORMATS_ACCEPTED = ("a speaker folder root/<speaker>/.../<utt>.wav (VoxCeleb layout), a folder holding "
                     "wav.scp + utt2spk (Kaldi), or a wav.scp file with utt2spk beside it")
 #: waveform [N] float32, random generator -> waveform [N] float32
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
-
-
-# ------------------------------------------------------------------------------------- reading audio
-
-
-class UnusableAudio(CorruptSampleError):
-    """An utterance that cannot be used; ``kind`` ("unreadable", "wrong sample rate", "too short",
-    "non-finite", "truncated") groups the reasons in reports. The message is ``path: kind: detail``."""
-
-    def __init__(self, path: PathLike, kind: str = "", detail: str = "") -> None:
-        # one argument: a message as it is (DataLoader workers re-raise exceptions that way)
-        super().__init__(f"{path}: {kind}: {detail}" if kind else str(path))
-        self.path = str(path)
-        self.kind = kind
-        self.detail = detail
-
-
-def read_audio(path: PathLike, sample_rate: int = SAMPLE_RATE, start: int = 0,
-               frames: int = -1) -> np.ndarray:
-    """Read ``frames`` samples from ``start`` (``-1``: to the end). Returns float32 [N] mono in [-1, 1].
-
-    Raises :class:`UnusableAudio` (a :class:`CorruptSampleError`) naming the file when it cannot be
-    read, has another sample rate, or holds non-finite samples.
-    """
-    try:
-        with sf.SoundFile(str(path)) as f:
-            if f.samplerate != sample_rate:
-                raise UnusableAudio(path, "wrong sample rate", f"{f.samplerate} Hz, expected {sample_rate} Hz")
-            if start:
-                f.seek(start)
-            data = f.read(frames, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
-        if isinstance(exc, UnusableAudio):
-            raise
-        raise UnusableAudio(path, "unreadable", f"cannot read audio ({exc})") from None
-    wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
-    if not np.isfinite(wave).all():
-        raise UnusableAudio(path, "non-finite", "NaN or inf samples")
-    return np.ascontiguousarray(wave, dtype=np.float32)
-
-
-def audio_frames(path: PathLike, sample_rate: int = SAMPLE_RATE) -> int:
-    """Length of the file in samples (header only); :class:`UnusableAudio` as :func:`read_audio`."""
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
-        raise UnusableAudio(path, "unreadable", f"cannot read audio ({exc})") from None
-    if info.samplerate != sample_rate:
-        raise UnusableAudio(path, "wrong sample rate", f"{info.samplerate} Hz, expected {sample_rate} Hz")
-    return int(info.frames)
-
-
-def crop_or_pad(wave: np.ndarray, num_samples: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
-    """[N] -> [num_samples]: a crop (random start with ``rng``, else centred) or, when shorter, the
-    utterance repeated until long enough (``np.pad(mode="wrap")``, as WeSpeaker)."""
-    if num_samples <= 0:
-        raise ValueError(f"num_samples={num_samples}: expected a positive length")
-    if len(wave) == 0:
-        raise ValueError("cannot crop or pad an empty waveform")
-    if len(wave) < num_samples:
-        return np.pad(wave, (0, num_samples - len(wave)), mode="wrap")
-    excess = len(wave) - num_samples
-    start = int(rng.integers(0, excess + 1)) if rng is not None else excess // 2
-    return wave[start:start + num_samples]
-
-
-# ------------------------------------------------------------------------------------- list readers
-
-
-def scan_speaker_folder(root: PathLike) -> Tuple[List[str], List[str]]:
-    """``root/<speaker>/.../<utt>.wav`` -> (paths relative to ``root``, speakers), sorted by path.
-
-    ``.wav`` and ``.flac`` (any case) count; hidden entries and files directly under ``root`` are
-    ignored. Raises ``FileNotFoundError`` / ``ValueError`` for a missing or empty folder.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"speaker folder not found: {root}")
-    paths: List[str] = []
-    speakers: List[str] = []
-    other = 0
-    for speaker in sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")):
-        found = []
-        for folder, dirs, files in os.walk(root / speaker):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            rel = os.path.relpath(folder, root)
-            found += [os.path.join(rel, f) for f in files
-                      if not f.startswith(".") and f.lower().endswith(AUDIO_EXTENSIONS)]
-            other += sum(f.lower().endswith(".m4a") for f in files)
-        if not found:
-            log.warning("%s: no audio files, speaker skipped", root / speaker)
-            continue
-        found.sort()
-        paths += found
-        speakers += [speaker] * len(found)
-    if not paths:
-        hint = (f"; found {other} .m4a files: VoxCeleb2 ships AAC, convert it to 16 kHz mono wav first "
-                "(datasets/voxceleb.md)") if other else ""
-        raise ValueError(f"{root}: no audio found; expected root/<speaker>/.../<utt>.wav "
-                         f"({', '.join(AUDIO_EXTENSIONS)}){hint}")
-    return paths, speakers
-
-
-def _read_table(path: Path, what: str) -> Dict[str, str]:
-    """``key value...`` lines -> {key: rest of the line}; blank lines skipped, duplicates an error."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    table: Dict[str, str] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split(None, 1)
-            if len(fields) != 2:
-                raise ValueError(f"{path}:{lineno}: expected '<utt> <{what.split()[0]}>', got {line!r}")
-            if fields[0] in table:
-                raise ValueError(f"{path}:{lineno}: utterance {fields[0]!r} listed twice")
-            table[fields[0]] = fields[1].strip()
-    if not table:
-        raise ValueError(f"{path}: empty {what}")
-    return table
-
-
-def read_kaldi_lists(wav_scp: PathLike, utt2spk: Optional[PathLike] = None,
-                     audio_root: Optional[PathLike] = None) -> Tuple[List[str], List[str], List[str]]:
-    """Read Kaldi ``wav.scp`` and ``utt2spk``. Returns (utterance ids, paths, speakers) in ``wav.scp`` order.
-
-    ``utt2spk`` defaults to the file beside ``wav.scp``; relative paths start at ``audio_root``
-    (default: the folder of ``wav.scp``). Piped entries (``cmd |``) and ``ark:`` offsets are not
-    supported (``ValueError``); an utterance of ``wav.scp`` missing from ``utt2spk`` is a ``KeyError``.
-    """
-    wav_scp = Path(wav_scp)
-    utt2spk = Path(utt2spk) if utt2spk is not None else wav_scp.parent / "utt2spk"
-    wavs = _read_table(wav_scp, "path list (wav.scp)")
-    spks = _read_table(utt2spk, "speaker list (utt2spk)")
-    base = Path(audio_root) if audio_root is not None else wav_scp.parent
-    utts, paths, speakers = [], [], []
-    for utt, path in wavs.items():
-        if path.endswith("|") or ".ark:" in path:
-            raise ValueError(f"{wav_scp}: utterance {utt!r}: piped or archive entry {path!r} is not supported; "
-                             "expected a plain audio file path")
-        if utt not in spks:
-            raise KeyError(f"{utt2spk}: no speaker for utterance {utt!r} of {wav_scp}")
-        utts.append(utt)
-        paths.append(os.path.join(base, path))  # absolute paths survive the join
-        speakers.append(spks[utt])
-    extra = len(set(spks) - set(wavs))
-    if extra:
-        log.warning("%s: %d utterance(s) not in %s, ignored", utt2spk, extra, wav_scp)
-    return utts, paths, speakers
-
-
-# -------------------------------------------------------------------------------------------- dataset
 
 
 def _check_speeds(speeds: Sequence[float]) -> Tuple[float, ...]:
@@ -216,9 +67,10 @@ class SpeakerAudioDataset(Dataset):
             utterances (variable length: batch size 1 or a custom collate).
         sample_rate: expected rate of every file (Hz); another rate counts as corrupt.
         speeds: speed-perturbation factors, the first 1.0; each sample draws one uniformly and a copy
-            at ``speeds[k]`` is a new class ``label + k * C`` (WeSpeaker), so ``num_classes = C * len(speeds)``.
+            at ``speeds[k]`` is a new class ``label + k * C`` (WeSpeaker), so
+            ``num_classes = C * len(speeds)``.
         augment: ``augment(waveform [N], rng) -> [N]`` applied to the crop (e.g.
-            :class:`mlearn.data.audio_augment.ReverbOrNoise`).
+            :class:`mlearn.data.audio.augment.ReverbOrNoise`).
         min_seconds: utterances shorter than this count as corrupt (too short to be worth padding).
         strict: raise :class:`CorruptSampleError` instead of returning ``None``.
         utterance_ids: names of the utterances (Kaldi keys); default the paths.
@@ -289,10 +141,7 @@ class SpeakerAudioDataset(Dataset):
 
     def save_label_map(self, path: PathLike) -> None:
         """Write ``{speaker: index}`` as JSON (speed copies are ``index + k * C``, see :meth:`class_of`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            json.dump({str(k): int(v) for k, v in self.label_map.items()}, f, indent=0, ensure_ascii=False)
+        save_label_map(self.label_map, path)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} utterances, {self.num_speakers} speakers, "
@@ -307,7 +156,7 @@ class SpeakerAudioDataset(Dataset):
 
     def set_random_state(self, numpy_generator: np.random.Generator, python_random: Any = None) -> None:
         """Draw every crop, speed factor and augmentation from ``numpy_generator`` from now on (as
-        :class:`mlearn.data.samplers.EpochSeededDataset` does, re-seeding it for every sample);
+        :class:`mlearn.data.order.EpochSeededDataset` does, re-seeding it for every sample);
         ``python_random`` is not used."""
         self.random_generator = numpy_generator
 
@@ -326,8 +175,6 @@ class SpeakerAudioDataset(Dataset):
     def load(self, index: int, speed: float = 1.0, rng: Optional[np.random.Generator] = None) -> np.ndarray:
         """The (cropped, speed-changed) waveform of utterance ``index``: float32 [num_samples] (or
         the whole utterance). Raises :class:`CorruptSampleError`."""
-        from mlearn.data.audio_augment import speed_perturb
-
         path = self.path(index)
         total = audio_frames(path, self.sample_rate)
         if total < max(self.min_samples, 1):
@@ -357,8 +204,9 @@ class SpeakerAudioDataset(Dataset):
             try:
                 total = audio_frames(path, self.sample_rate)
                 if total < max(self.min_samples, 1):
+                    minimum = self.min_samples / self.sample_rate
                     raise UnusableAudio(path, "too short", f"{total} samples < {self.min_samples} "
-                                                           f"(min_seconds={self.min_samples / self.sample_rate:g})")
+                                                           f"(min_seconds={minimum:g})")
             except UnusableAudio as exc:
                 failures[path] = f"{exc.kind}: {exc.detail}"
         return len(picks), failures
@@ -401,6 +249,6 @@ def open_audio_dataset(path: PathLike, num_speakers: Optional[int] = None,
         paths, speakers = scan_speaker_folder(path)
         dataset = SpeakerAudioDataset(paths, speakers, base=path, **kwargs)  # type: ignore[arg-type]
     if num_speakers is not None and int(num_speakers) != dataset.num_speakers:
-        raise ValueError(f"{path}: the data has {dataset.num_speakers} speakers but num_speakers={num_speakers} "
-                         "was given")
+        raise ValueError(f"{path}: the data has {dataset.num_speakers} speakers but "
+                         f"num_speakers={num_speakers} was given")
     return dataset

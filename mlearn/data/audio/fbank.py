@@ -72,7 +72,8 @@ def frame_sizes(sample_rate: int, frame_length_ms: float, frame_shift_ms: float)
     window_shift = int(sample_rate * frame_shift_ms * 0.001)
     if window_size < 2 or window_shift < 1:
         raise ValueError(f"fbank: frame_length_ms={frame_length_ms}, frame_shift_ms={frame_shift_ms} at "
-                         f"sample_rate={sample_rate} give window {window_size} / shift {window_shift} samples; "
+                         f"sample_rate={sample_rate} give window {window_size} / shift {window_shift} "
+                         "samples; "
                          "expected a window of >= 2 samples and a shift of >= 1")
     return window_size, window_shift, 1 << (window_size - 1).bit_length()
 
@@ -93,7 +94,8 @@ def mel_banks(num_mel_bins: int, fft_size: int, sample_rate: int, low_freq: floa
     nyquist = 0.5 * sample_rate
     high = high_freq if high_freq > 0 else nyquist + high_freq
     if num_mel_bins < 1 or not 0.0 <= low_freq < high <= nyquist:
-        raise ValueError(f"fbank: need num_mel_bins >= 1 and 0 <= low_freq < high_freq <= Nyquist ({nyquist} Hz); "
+        raise ValueError(f"fbank: need num_mel_bins >= 1 and 0 <= low_freq < high_freq <= Nyquist "
+                         f"({nyquist} Hz); "
                          f"got num_mel_bins={num_mel_bins}, low_freq={low_freq}, high_freq={high_freq} "
                          f"(-> {high} Hz)")
     mel_low, mel_high = mel_scale(low_freq), mel_scale(high)
@@ -162,7 +164,8 @@ def _fbank(waveform: Tensor, size: int, shift: int, fft_size: int, window: Tenso
 
 def _check_waveform(waveform: Tensor) -> Tensor:
     if not isinstance(waveform, Tensor):
-        raise TypeError(f"fbank: waveform must be a torch.Tensor [N] or [B, N], got {type(waveform).__name__}")
+        raise TypeError(f"fbank: waveform must be a torch.Tensor [N] or [B, N], got "
+                        f"{type(waveform).__name__}")
     if waveform.ndim not in (1, 2) or not waveform.is_floating_point():
         raise ValueError(f"fbank: waveform must be a float tensor [N] or [B, N] (int16-range samples), got "
                          f"{waveform.dtype} of shape {tuple(waveform.shape)}")
@@ -176,18 +179,19 @@ def _compute_dtype(waveform: Tensor) -> torch.dtype:
 def kaldi_fbank(waveform: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80,
                 frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0, dither: float = 0.0,
                 preemphasis: float = 0.97, remove_dc_offset: bool = True, window: str = "hamming",
-                low_freq: float = 20.0, high_freq: float = 0.0, use_log: bool = True, energy_floor: float = 0.0,
-                snip_edges: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
+                low_freq: float = 20.0, high_freq: float = 0.0, use_log: bool = True,
+                energy_floor: float = 0.0, snip_edges: bool = True,
+                generator: Optional[torch.Generator] = None) -> Tensor:
     """Kaldi log-mel filterbank features.
 
     ``waveform``: float [N] or [B, N] samples at ``sample_rate`` Hz, int16 range expected (multiply
     [-1, 1) audio by :data:`INPUT_SCALE`). Returns float32 [T, num_mel_bins] or [B, T, num_mel_bins],
     T = :func:`num_frames` (``1 + (N - 400) // 160`` at 16 kHz with 25/10 ms and ``snip_edges``).
     Computed in float32, as Kaldi does, on the waveform's device (so mel bins ~1e-6 below a frame's
-    peak energy carry float32 rounding, ~1e-3 in log); a float64 waveform is computed in float64. ``dither`` adds
-    ``dither * N(0, 1)`` per frame sample (drawn from ``generator`` when given). ``energy_floor`` only
-    matters for Kaldi's optional energy coefficient, which this function does not produce; it is
-    accepted for option parity.
+    peak energy carry float32 rounding, ~1e-3 in log); a float64 waveform is computed in float64.
+    ``dither`` adds ``dither * N(0, 1)`` per frame sample (drawn from ``generator`` when given).
+    ``energy_floor`` only matters for Kaldi's optional energy coefficient, which this function does not
+    produce; it is accepted for option parity.
     """
     waveform = _check_waveform(waveform)
     if energy_floor < 0:
@@ -210,7 +214,8 @@ def apply_cmn(features: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
     are excluded from the mean and set to 0). Returns a tensor of the same shape and dtype.
     """
     if features.ndim not in (2, 3):
-        raise ValueError(f"apply_cmn: features must be [T, F] or [B, T, F], got shape {tuple(features.shape)}")
+        raise ValueError(f"apply_cmn: features must be [T, F] or [B, T, F], got shape "
+                         f"{tuple(features.shape)}")
     if lengths is None:
         if features.shape[-2] == 0:
             return features
@@ -242,7 +247,8 @@ class KaldiFbank(nn.Module):
         self.options: Dict[str, Any] = {
             "sample_rate": int(sample_rate), "num_mel_bins": int(num_mel_bins),
             "frame_length_ms": float(frame_length_ms), "frame_shift_ms": float(frame_shift_ms),
-            "dither": float(dither), "preemphasis": float(preemphasis), "remove_dc_offset": bool(remove_dc_offset),
+            "dither": float(dither), "preemphasis": float(preemphasis),
+            "remove_dc_offset": bool(remove_dc_offset),
             "window": str(window), "low_freq": float(low_freq), "high_freq": float(high_freq),
             "use_log": bool(use_log), "energy_floor": float(energy_floor), "snip_edges": bool(snip_edges),
             "cmn": bool(cmn),
@@ -267,8 +273,9 @@ class KaldiFbank(nn.Module):
         batch = waveform.to(dtype)
         batch = batch[None] if batch.ndim == 1 else batch
         dither = o["dither"] if self.training else 0.0
-        feats = _fbank(batch, self.size, self.shift, self.fft_size, self.window.to(dtype), self.banks.to(dtype),
-                       dither, o["preemphasis"], o["remove_dc_offset"], o["use_log"], o["snip_edges"], None).float()
+        feats = _fbank(batch, self.size, self.shift, self.fft_size, self.window.to(dtype),
+                       self.banks.to(dtype), dither, o["preemphasis"], o["remove_dc_offset"], o["use_log"],
+                       o["snip_edges"], None).float()
         if o["cmn"]:
             feats = apply_cmn(feats)
         return feats[0] if waveform.ndim == 1 else feats

@@ -41,7 +41,8 @@ def read_audio(path: PathLike, sample_rate: int = SAMPLE_RATE, start: int = 0,
     try:
         with sf.SoundFile(str(path)) as f:
             if f.samplerate != sample_rate:
-                raise UnusableAudio(path, "wrong sample rate", f"{f.samplerate} Hz, expected {sample_rate} Hz")
+                raise UnusableAudio(path, "wrong sample rate",
+                                    f"{f.samplerate} Hz, expected {sample_rate} Hz")
             if start:
                 f.seek(start)
             data = f.read(frames, dtype="float32", always_2d=True)

@@ -83,7 +83,8 @@ def read_kaldi_lists(wav_scp: PathLike, utt2spk: Optional[PathLike] = None,
     utts, paths, speakers = [], [], []
     for utt, path in wavs.items():
         if path.endswith("|") or ".ark:" in path:
-            raise ValueError(f"{wav_scp}: utterance {utt!r}: piped or archive entry {path!r} is not supported; "
+            raise ValueError(f"{wav_scp}: utterance {utt!r}: piped or archive entry {path!r} is not "
+                             "supported; "
                              "expected a plain audio file path")
         if utt not in spks:
             raise KeyError(f"{utt2spk}: no speaker for utterance {utt!r} of {wav_scp}")

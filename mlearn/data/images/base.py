@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mlearn.data.corrupt import CorruptSampleError, where_text
-from mlearn.data.images.batches import AnyImageBatch, BatchAllocator
+from mlearn.data.images.batches import BatchAllocator, ImageBatch
 from mlearn.data.labels import save_label_map
 
 log = logging.getLogger(__name__)
@@ -136,18 +136,16 @@ class IdentityImageDataset(Dataset):
         return image, int(self.labels[index])
 
     def load_batch(self, indices: Sequence[int], streams: Optional[Any] = None
-                   ) -> Union[AnyImageBatch, List[Optional[Tuple[Any, int]]]]:
+                   ) -> Union[ImageBatch, List[Optional[Tuple[Any, int]]]]:
         """Samples ``indices`` as one batch. ``streams`` (:class:`mlearn.data.seeding.SampleStreams`):
         the j-th sample's augmentation draws from stream j (``streams.select(j)`` before its transform).
 
         With a transform that writes in place (``fill_batch`` and ``sample_shape``/``sample_dtype``, as
-        :class:`~mlearn.data.images.transforms.ImageTransform`) each image is decoded and at once transformed
-        into one preallocated batch (in a DataLoader worker, a reused shared-memory buffer of
+        :class:`~mlearn.data.images.transforms.ImageTransform`) each image is decoded and at once
+        transformed into one preallocated batch (in a DataLoader worker, a reused shared-memory buffer of
         :class:`~mlearn.data.images.batches.BatchAllocator`): an :class:`ImageBatch` of
-        ``[B', *transform.sample_shape]`` images, the corrupt samples dropped and counted; with a
-        transform that ``defers_mirror`` (uint8 output) an :class:`UnmirroredBatch`, whose images are
-        still to be mirrored by :func:`~mlearn.data.images.transforms.normalize_images`. Other transforms give
-        the list of ``self[i]`` for :func:`collate_skip_corrupt`.
+        ``[B', *transform.sample_shape]`` images, the corrupt samples dropped and counted. Other
+        transforms give the list of ``self[i]`` for :func:`collate_skip_corrupt`.
         """
         transform = self.transform
         if getattr(transform, "fill_batch", None) is None or getattr(transform, "sample_shape", None) is None:
@@ -160,16 +158,13 @@ class IdentityImageDataset(Dataset):
         encoded = self.read_many(indices)
         images, buffer_slot = self.batch_allocator.allocate((len(indices), *transform.sample_shape),
                                                             transform.sample_dtype)
-        mirror = np.zeros(len(indices), dtype=bool) if getattr(transform, "defers_mirror", False) else None
         # decoded one at a time as fill_batch consumes them: each image is written out while it is
         # still in the cache, and the decoder reuses one freed block instead of 128 of them
         decoded, out = self._decoded(indices, encoded), images.numpy()
-        written = (transform.fill_batch(decoded, out, streams) if mirror is None
-                   else transform.fill_batch(decoded, out, streams, mirror=mirror))
+        written = transform.fill_batch(decoded, out, streams)
         labels = torch.from_numpy(self.labels[np.asarray([indices[j] for j in written], dtype=np.int64)])
         good = len(written)
-        flags = None if mirror is None else torch.from_numpy(mirror[:good])
-        return self.batch_allocator.batch(images[:good], labels, len(indices) - good, buffer_slot, flags)
+        return self.batch_allocator.batch(images[:good], labels, len(indices) - good, buffer_slot)
 
     def save_label_map(self, path: PathLike) -> None:
         """Write ``label_map`` as JSON ``{original label: index}`` (keys as strings)."""

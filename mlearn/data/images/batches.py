@@ -9,52 +9,37 @@ few buffers per worker and reuses them, and a batch travels as a :class:`PooledI
 buffer's handle only the first time, afterwards its slot number. The receiving process keeps the
 buffers mapped, hands out the images in place and, once no tensor views them any more, clears the
 buffer's flag in a shared flag array, so a buffer is never rewritten while anyone can still see its
-contents.
+contents. The receiving side belongs to the allocator of the dataset the DataLoader reads (the copy in
+the process that iterates it): the mappings live as long as that dataset, not as long as the process.
 """
 from __future__ import annotations
 
 import multiprocessing.util
 import os
 import threading
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import get_worker_info
 
+from mlearn.data.corrupt import Batch
+
 _FENCE = threading.Lock()  # acquire/release: a full memory barrier around the flag hand-over
 
 
-class ImageBatch(NamedTuple):
-    """A collated batch: ``images [B', ...]``, ``labels [B']`` int64, and ``num_corrupt`` samples dropped."""
+class ImageBatch(Batch):
+    """A :class:`~mlearn.data.corrupt.Batch` of images, ``images [B', ...]`` (its ``inputs``), ``labels
+    [B']`` int64 and ``num_corrupt`` samples dropped, assembled in place by
+    :meth:`mlearn.data.images.base.IdentityImageDataset.load_batch`."""
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_corrupt: int
+    __slots__ = ()
 
-
-class UnmirroredBatch(NamedTuple):
-    """A batch of uint8 images as :class:`ImageBatch`, whose horizontal flips are still to be applied:
-    ``mirror [B']`` bool marks the images to mirror, which :func:`mlearn.data.transforms.normalize_images`
-    does on the training device while normalising (a flip costs nothing there, while on the CPU it is
-    the largest cost of batch assembly after the JPEG decode)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_corrupt: int
-    mirror: torch.Tensor
-
-
-AnyImageBatch = Union[ImageBatch, UnmirroredBatch]
-
-
-def image_batch(images: torch.Tensor, labels: torch.Tensor, num_corrupt: int,
-                mirror: Optional[torch.Tensor] = None) -> AnyImageBatch:
-    """An :class:`ImageBatch`, or with ``mirror`` flags an :class:`UnmirroredBatch`."""
-    if mirror is None:
-        return ImageBatch(images, labels, num_corrupt)
-    return UnmirroredBatch(images, labels, num_corrupt, mirror)
+    @property
+    def images(self) -> torch.Tensor:
+        return self.inputs
 
 
 def empty_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -73,8 +58,9 @@ class _WorkerPool:
     is in use; ``flags[capacity]`` becomes 1 when the pool is gone (the worker exited), so that receivers
     unmap its buffers."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, receiver_key: str) -> None:
         self.token = f"{os.getpid()}-{os.urandom(8).hex()}"
+        self.receiver_key = receiver_key
         self.flags = torch.zeros(capacity + 1, dtype=torch.uint8).share_memory_()
         self.buffers: List[torch.Tensor] = []
         self.shapes: List[Tuple[int, ...]] = []
@@ -84,12 +70,12 @@ class _WorkerPool:
         multiprocessing.util.Finalize(self, _close_pool, args=(self.flags,), exitpriority=0)
 
     def message(self, slot: int, generation: int, buffer: torch.Tensor) -> Tuple[Any, ...]:
-        """What a batch in ``slot`` sends: ``(token, flags or None, slot, generation, buffer or None)``,
-        the shared tensors only to a receiver that does not have them yet."""
+        """What a batch in ``slot`` sends: ``(receiver key, token, flags or None, slot, generation, buffer
+        or None)``, the shared tensors only to a receiver that does not have them yet."""
         flags = None if self.flags_sent else self.flags
         handle = None if self.sent.get(slot) == generation else buffer
         self.flags_sent, self.sent[slot] = True, generation
-        return self.token, flags, slot, generation, handle
+        return self.receiver_key, self.token, flags, slot, generation, handle
 
 
 def _close_pool(flags: torch.Tensor) -> None:
@@ -140,21 +126,27 @@ class _Receiver:
             del self._pools[token]  # the worker is gone: unmap (images still viewed stay mapped)
 
 
-_RECEIVER = _Receiver()  # per process: the pooled buffers this process has received
+# the receivers of this process by key; each is owned by its BatchAllocator (of the dataset a DataLoader
+# reads), so its mapped buffers go with that dataset
+_RECEIVERS: "weakref.WeakValueDictionary[str, _Receiver]" = weakref.WeakValueDictionary()
 
 
-def _receive_pooled(token: str, flags: Optional[torch.Tensor], slot: int, generation: int,
+def _receive_pooled(receiver_key: str, token: str, flags: Optional[torch.Tensor], slot: int, generation: int,
                     handle: Optional[torch.Tensor], shape: Tuple[int, ...], dtype: torch.dtype, good: int,
-                    labels: np.ndarray, num_corrupt: int, mirror: Optional[np.ndarray]) -> AnyImageBatch:
+                    labels: np.ndarray, num_corrupt: int) -> ImageBatch:
     """Unpickling a :class:`PooledImageBatch` (in the receiving process): the images stay in the
     worker's buffer."""
-    flags, buffer = _RECEIVER.receive(token, flags, slot, generation, handle)
+    receiver = _RECEIVERS.get(receiver_key)
+    if receiver is None:
+        raise RuntimeError(f"pooled batch from worker pool {token}: no dataset of this process receives "
+                           "it (the dataset whose DataLoader made it is gone, or it was sent to another "
+                           "process)")
+    flags, buffer = receiver.receive(token, flags, slot, generation, handle)
     # a storage of its own over the buffer's memory: it dies with the last tensor handed out, which
     # releases the slot, while the receiver keeps the buffer itself mapped for the next batch in it
     own = torch.from_numpy(buffer.numpy())
-    _RECEIVER.hand_out(own, flags, slot)
-    return image_batch(own.view(dtype).view(shape)[:good], torch.from_numpy(labels), num_corrupt,
-                       None if mirror is None else torch.from_numpy(mirror))
+    receiver.hand_out(own, flags, slot)
+    return ImageBatch(own.view(dtype).view(shape)[:good], torch.from_numpy(labels), num_corrupt)
 
 
 class PooledImageBatch(ImageBatch):
@@ -163,8 +155,7 @@ class PooledImageBatch(ImageBatch):
     Pickled (sent to the main process), it arrives as a plain :class:`ImageBatch` viewing the same
     shared memory, and the worker reuses the buffer only after every tensor over it is gone there. The
     buffer's handle travels with the first batch in it only: send each batch once, to the process that
-    iterates the DataLoader (as the DataLoader does). The labels travel by value, and so do the
-    ``mirror_flags`` of an :class:`UnmirroredBatch`, which it then arrives as.
+    iterates the DataLoader (as the DataLoader does). The labels travel by value.
     """
 
     pool: _WorkerPool
@@ -172,12 +163,10 @@ class PooledImageBatch(ImageBatch):
     generation: int
     buffer: torch.Tensor
     full_shape: Tuple[int, ...]
-    mirror_flags: Optional[torch.Tensor]
 
     def __reduce__(self) -> Tuple[Any, ...]:
         return _receive_pooled, (*self.pool.message(self.slot, self.generation, self.buffer), self.full_shape,
-                                 self.images.dtype, len(self.labels), self.labels.numpy(), self.num_corrupt,
-                                 None if self.mirror_flags is None else self.mirror_flags.numpy())
+                                 self.images.dtype, len(self.labels), self.labels.numpy(), self.num_corrupt)
 
 
 class BatchAllocator:
@@ -186,19 +175,25 @@ class BatchAllocator:
 
     A pooled buffer is a uint8 shared-memory tensor of the batch's bytes, in use from :meth:`allocate`
     until the receiving process no longer views it. One allocator per dataset object; a forked or
-    spawned worker starts its own pool.
+    spawned worker starts its own pool, and its batches are received by the allocator it was copied
+    from (``receiver``: the buffers received, mapped as long as this allocator lives).
     """
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = int(capacity)
         self._pid = -1
         self._pool: Optional[_WorkerPool] = None
+        self.receiver_key = f"{os.getpid()}-{os.urandom(8).hex()}"
+        self.receiver: Optional[_Receiver] = _Receiver()
+        _RECEIVERS[self.receiver_key] = self.receiver
 
     def __getstate__(self) -> dict:
-        return {"capacity": self.capacity}
+        return {"capacity": self.capacity, "receiver_key": self.receiver_key}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["capacity"])
+        # a copy (a spawned worker's): it sends to the original's receiver, and receives nothing itself
+        self.capacity, self.receiver_key = int(state["capacity"]), state["receiver_key"]
+        self._pid, self._pool, self.receiver = -1, None, None
 
     def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> Tuple[torch.Tensor, int]:
         """``(uninitialised tensor of shape, slot)``; ``slot`` is -1 unless the tensor is a pooled buffer."""
@@ -206,7 +201,7 @@ class BatchAllocator:
         if get_worker_info() is None or self.capacity < 1:
             return empty_batch(shape, dtype), -1
         if self._pid != os.getpid():
-            self._pool, self._pid = _WorkerPool(self.capacity), os.getpid()
+            self._pool, self._pid = _WorkerPool(self.capacity, self.receiver_key), os.getpid()
         pool = self._pool
         assert pool is not None
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
@@ -227,17 +222,14 @@ class BatchAllocator:
             flags[slot] = 1
         return pool.buffers[slot].view(dtype).view(shape), slot
 
-    def batch(self, images: torch.Tensor, labels: torch.Tensor, num_corrupt: int, slot: int,
-              mirror: Optional[torch.Tensor] = None) -> AnyImageBatch:
+    def batch(self, images: torch.Tensor, labels: torch.Tensor, num_corrupt: int, slot: int) -> ImageBatch:
         """The batch to return: a :class:`PooledImageBatch` for a pooled buffer (``slot >= 0``), whose
-        ``images`` are the first rows of the tensor :meth:`allocate` gave. With ``mirror`` (bool [B'])
-        the batch is, or arrives as, an :class:`UnmirroredBatch`."""
+        ``images`` are the first rows of the tensor :meth:`allocate` gave."""
         if slot < 0:
-            return image_batch(images, labels, num_corrupt, mirror)
+            return ImageBatch(images, labels, num_corrupt)
         pool = self._pool
         assert pool is not None
         batch = PooledImageBatch(images, labels, num_corrupt)
         batch.pool, batch.slot, batch.generation = pool, slot, pool.generations[slot]
-        batch.mirror_flags = mirror
         batch.buffer, batch.full_shape = pool.buffers[slot], pool.shapes[slot]
         return batch

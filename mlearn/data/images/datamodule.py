@@ -8,10 +8,12 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 from torch.utils.data import DataLoader
 
-from mlearn.data.folders import open_dataset, save_run_label_map
+from mlearn.data.corrupt import Batch
+from mlearn.data.images.open import open_dataset
+from mlearn.data.images.transforms import build_transform, normalize_images
+from mlearn.data.labels import save_run_label_map
 from mlearn.data.resumable import ResumableDataModule
-from mlearn.data.synthetic import make_face_dataset
-from mlearn.data.transforms import build_transform
+from mlearn.data.synthetic.faces import make_face_dataset
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,13 @@ class FaceDataModule(ResumableDataModule):
             albumentations transforms (``[{name: HorizontalFlip, p: 0.5}, ...]``).
         image_size: side of the square network input (px); other sizes are resized.
         strict: raise on a corrupt sample instead of skipping and counting it.
-        synthetic: keyword arguments of :func:`mlearn.data.synthetic.make_face_dataset`.
+        synthetic: keyword arguments of :func:`mlearn.data.synthetic.faces.make_face_dataset`.
         seed: seed of the sample order and of the augmentations.
-        uint8_batches: ship the images as decoded, uint8 [B, S, S, 3] (4x less memory traffic, no
-            per-image transpose or flip on the CPU), with the horizontal flips drawn but not applied
-            (:class:`mlearn.data.batches.UnmirroredBatch`): the module mirrors, normalises and makes
-            them channels-first on the training device (:func:`mlearn.data.transforms.normalize_images`);
-            ``False``: float32 [B, 3, S, S] mirrored and normalised on the CPU.
+        uint8_batches: ship the images as decoded (and flipped), uint8 [B, S, S, 3] (4x less memory
+            traffic, no per-image transpose on the CPU): :meth:`on_after_batch_transfer` normalises and
+            makes them channels-first on the training device
+            (:func:`mlearn.data.images.transforms.normalize_images`);
+            ``False``: float32 [B, 3, S, S] normalised on the CPU.
         pin_memory: page-locked batches for faster host-to-GPU copies.
     """
 
@@ -112,3 +114,11 @@ class FaceDataModule(ResumableDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.seeded_dataloader(self.dataset, self.batch_size, self.num_workers, self.pin_memory)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
+        """On the training device (Lightning calls it after the copy): uint8 [B, S, S, 3] images
+        normalised and made channels-first, float32 [B, 3, S, S]
+        (:func:`~mlearn.data.images.transforms.normalize_images`); float batches pass unchanged. Returns
+        the plain ``(images, labels, num_corrupt)`` batch the module trains on."""
+        images, labels, num_corrupt = batch
+        return Batch(normalize_images(images), labels, num_corrupt)

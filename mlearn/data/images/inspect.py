@@ -15,9 +15,11 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mlearn.data.corrupt import CorruptSampleError, decode_image, image_extension
-from mlearn.data.folders import IdentityImageDataset, open_dataset
-from mlearn.data.recordio import RecordIODataset, RecordIOWriter
+from mlearn.data.corrupt import CorruptSampleError
+from mlearn.data.images.base import IdentityImageDataset, decode_image, image_extension
+from mlearn.data.images.open import open_dataset
+from mlearn.data.images.recordio import RecordIOWriter
+from mlearn.data.images.recordio_dataset import RecordIODataset
 
 log = logging.getLogger(__name__)
 

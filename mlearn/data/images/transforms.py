@@ -23,8 +23,8 @@ A custom list names albumentations classes (or this module's ``ZeroPadRandomCrop
 from __future__ import annotations
 
 import math
-import random
 import os
+import random
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import albumentations as A
@@ -161,27 +161,19 @@ def copy_uint8_into(image: np.ndarray, out: np.ndarray, flip: bool = False) -> N
         out[...] = image
 
 
-def normalize_images(images: torch.Tensor, mirror: Optional[torch.Tensor] = None) -> torch.Tensor:
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 [..., H, W, 3] (channels last, as decoded) -> float32 [..., 3, H, W] ``(x - 127.5) / 127.5``;
-    float input is returned unchanged. ``mirror`` (bool [B], for images [B, H, W, 3]; the flags of an
-    :class:`~mlearn.data.batches.UnmirroredBatch`): mirror those images left-right first.
+    float input is returned unchanged.
 
     The device-side half of ``output="uint8"`` transforms: batches travel from the DataLoader workers
-    as decoded uint8 (4x less memory traffic, no per-image transpose or flip on the CPU) and are
-    mirrored, normalised and made channels-first on the training device.
+    as decoded uint8 (4x less memory traffic, no per-image transpose on the CPU) and are normalised
+    and made channels-first on the training device
+    (:meth:`mlearn.data.images.datamodule.FaceDataModule.on_after_batch_transfer`).
     """
     if images.dtype != torch.uint8:
-        if mirror is not None:
-            raise ValueError("mirror flags come with uint8 batches only (float images are mirrored on "
-                             "the CPU)")
         return images
     if images.dim() < 3 or images.shape[-1] != 3:
         raise ValueError(f"uint8 images must be channels-last [..., H, W, 3], got {tuple(images.shape)}")
-    if mirror is not None:
-        if images.dim() != 4 or mirror.dtype != torch.bool or tuple(mirror.shape) != (images.shape[0],):
-            raise ValueError(f"mirror must be bool [B] for images [B, H, W, 3]; got {mirror.dtype} "
-                             f"{tuple(mirror.shape)} for images {tuple(images.shape)}")
-        images = torch.where(mirror.to(images.device).view(-1, 1, 1, 1), images.flip(-2), images)
     channels_first = images.movedim(-1, -3)
     out = torch.empty(channels_first.shape, dtype=torch.float32, device=images.device)
     return out.copy_(channels_first).sub_(127.5).div_(127.5)
@@ -197,14 +189,13 @@ class ImageTransform:
     (channels last, as decoded), to be normalised on the device with :func:`normalize_images`
     (cheaper to batch and to ship between processes; see ``evaluation/BENCHMARKS.md``).
     :meth:`fill` / :meth:`fill_batch` write the results into a preallocated batch instead
-    (:meth:`mlearn.data.folders.IdentityImageDataset.load_batch`); ``sample_shape``/``sample_dtype``
+    (:meth:`mlearn.data.images.base.IdentityImageDataset.load_batch`); ``sample_shape``/``sample_dtype``
     describe one sample of it.
 
     A trailing ``HorizontalFlip`` (the whole ``standard`` preset) is not run through albumentations:
     it is drawn with the same probability from the pipeline's Python generator and applied while
-    writing the output, which saves a copy of the image and albumentations' per-call overhead. A uint8
-    transform (``defers_mirror``) can leave it to the device instead: :meth:`fill_batch` with a
-    ``mirror`` array records the flips and writes the images unmirrored.
+    writing the output (``cv2.flip`` into the batch), which saves a copy of the image and
+    albumentations' per-call overhead (10-19% of the loader's time, ``evaluation/BENCHMARKS.md``).
 
     The augmentations draw from one numpy and one Python generator (:meth:`set_random_state`), seeded
     once in every process from ``torch.initial_seed()`` unless set explicitly: DataLoader workers are
@@ -230,7 +221,6 @@ class ImageTransform:
         self.pipeline = A.Compose(rest) if rest else None
         self.draws_randomly = self.pipeline is not None or self.flip_p > 0
         self.output = output
-        self.defers_mirror = output == "uint8"
         if output == "float":
             self.sample_shape, self.sample_dtype, self._write = (3, *self.size), torch.float32, normalize_into
         else:
@@ -281,21 +271,16 @@ class ImageTransform:
         self._write(image, out, flip)
 
     def fill_batch(self, images: Iterable[Optional[np.ndarray]], out: np.ndarray,
-                   streams: Optional[Any] = None, mirror: Optional[np.ndarray] = None) -> List[int]:
+                   streams: Optional[Any] = None) -> List[int]:
         """:meth:`fill` of the images, taken one at a time (e.g. decoded on demand), into ``out[0]``,
         ``out[1]``, ...; ``None`` entries are skipped. Returns the positions in ``images`` written.
 
-        ``streams`` (:class:`mlearn.data.samplers.SampleStreams`, whose generators this transform draws
-        from, as :class:`~mlearn.data.samplers.EpochSeededDataset` sets it up): image j draws from
+        ``streams`` (:class:`mlearn.data.seeding.SampleStreams`, whose generators this transform draws
+        from, as :class:`~mlearn.data.order.EpochSeededDataset` sets it up): image j draws from
         stream j. A transform that draws only the flip takes it from each stream's first ``random()``,
-        computed for the whole batch up front, with the same results.
-
-        ``mirror`` (bool array of ``len(out)``; ``defers_mirror`` transforms only): ``mirror[k]`` is set
-        to whether ``out[k]`` is to be mirrored, and ``out[k]`` is written unmirrored.
+        computed for the whole batch up front, with the same results (4-6% of the loader's time,
+        ``evaluation/BENCHMARKS.md``).
         """
-        if mirror is not None and not self.defers_mirror:
-            raise ValueError(f"fill_batch(mirror=...) needs output='uint8'; this transform's output is "
-                             f"{self.output!r}")
         flips: Optional[List[bool]] = None
         if self.pipeline is None and self.flip_p > 0 and streams is not None:
             flips = [draw < self.flip_p for draw in streams.first_randoms()]
@@ -309,10 +294,7 @@ class ImageTransform:
                 if streams is not None:
                     streams.select(j)
                 image, flip = self._augment(image)
-            k = len(written)
-            if mirror is not None:
-                mirror[k] = flip
-            self._write(image, out[k], flip and mirror is None)
+            self._write(image, out[len(written)], flip)
             written.append(j)
         return written
 

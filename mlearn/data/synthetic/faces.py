@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from mlearn.data.bins import write_bin
+from mlearn.data.images.bins import write_bin
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,15 @@ def _draw_face(canvas: Image.Image, p: Dict[str, Any], rng: np.random.Generator)
         r = min(eh, ew * 0.5)
         gaze = rng.uniform(-2, 2)
         draw.ellipse([ex + gaze - r, ey - r, ex + gaze + r, ey + r], fill=tuple(int(v) for v in p["iris"]))
-        draw.ellipse([ex + gaze - r / 2.5, ey - r / 2.5, ex + gaze + r / 2.5, ey + r / 2.5], fill=(10, 10, 10))
+        pupil = r / 2.5
+        draw.ellipse([ex + gaze - pupil, ey - pupil, ex + gaze + pupil, ey + pupil], fill=(10, 10, 10))
         by = ey - p["brow_dy"]
         tilt = side * p["brow_tilt"]
         draw.line([(ex - ew, by + tilt), (ex + ew, by - tilt)], fill=hair, width=int(p["brow_w"] + 1))
     shade = tuple(int(v) for v in skin * 0.7)
     ny = cy + p["eye_y"] + 6
-    draw.polygon([(cx, ny), (cx - p["nose_w"] / 2, ny + p["nose_len"]), (cx + p["nose_w"] / 2, ny + p["nose_len"])],
+    tip = ny + p["nose_len"]
+    draw.polygon([(cx, ny), (cx - p["nose_w"] / 2, tip), (cx + p["nose_w"] / 2, tip)],
                  fill=tuple(int(v) for v in skin * 0.85), outline=shade)
     my = cy + p["mouth_y"]
     curve = p["mouth_curve"] + rng.uniform(-4, 4)  # expression: smile / frown
@@ -142,7 +144,8 @@ def _paint_blotches(canvas: Image.Image, p: Dict[str, Any], cx: float, cy: float
     canvas.paste(Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)))
 
 
-def _random_affine(canvas: Image.Image, rng: np.random.Generator, size: int, fill: Tuple[int, ...]) -> Image.Image:
+def _random_affine(canvas: Image.Image, rng: np.random.Generator, size: int,
+                   fill: Tuple[int, ...]) -> Image.Image:
     """Pose jitter: rotation +-15 deg, scale 0.9-1.1, shift +-6 px, shear +-0.1; also downsamples."""
     angle = math.radians(rng.uniform(-15, 15))
     scale = rng.uniform(0.9, 1.1) * size / _CANVAS
@@ -155,7 +158,8 @@ def _random_affine(canvas: Image.Image, rng: np.random.Generator, size: int, fil
     ox, oy = size / 2 + tx, size / 2 + ty
     c = _CANVAS / 2 - a * ox - b * oy
     f = _CANVAS / 2 - d * ox - e * oy
-    return canvas.transform((size, size), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR, fillcolor=fill)
+    return canvas.transform((size, size), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR,
+                            fillcolor=fill)
 
 
 def _illuminate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -197,7 +201,8 @@ def make_face_dataset(
     ``pairs.txt``; validation identities never occur in ``train/``.
     """
     if num_val_pairs % 20:
-        raise ValueError(f"num_val_pairs={num_val_pairs}: expected a multiple of 20 (10 folds, half positive)")
+        raise ValueError(f"num_val_pairs={num_val_pairs}: expected a multiple of 20 (10 folds, half "
+                         "positive)")
     root = Path(root)
     meta = {"version": 1, "num_identities": num_identities, "images_per_identity": images_per_identity,
             "num_val_identities": num_val_identities, "num_val_pairs": num_val_pairs,
@@ -212,7 +217,8 @@ def make_face_dataset(
         folder = train / f"id{k:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         for n in range(images_per_identity):
-            Image.fromarray(render_face(identities[k], rng, image_size)).save(folder / f"{n:03d}.jpg", quality=95)
+            face = render_face(identities[k], rng, image_size)
+            Image.fromarray(face).save(folder / f"{n:03d}.jpg", quality=95)
     images, issame = _verification_pairs(identities[num_identities:], num_val_pairs, image_size, rng)
     write_bin(root / "val.bin", images, issame)
     meta_path.write_text(json.dumps(meta, indent=2))

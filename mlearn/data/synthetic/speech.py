@@ -122,7 +122,8 @@ def _phone_plan(speaker: Dict[str, Any], rng: np.random.Generator, seconds: floa
     while total < seconds:
         kind = _PHONE_KINDS[int(rng.choice(len(_PHONE_KINDS), p=_PHONE_PROBS))]
         if kind == "vowel":
-            index, dur = int(rng.choice(len(_VOWELS), p=speaker["phone_weights"])), unit * rng.uniform(0.9, 1.8)
+            index = int(rng.choice(len(_VOWELS), p=speaker["phone_weights"]))
+            dur = unit * rng.uniform(0.9, 1.8)
         elif kind == "nasal":
             index, dur = int(rng.integers(len(_NASALS))), unit * rng.uniform(0.6, 1.0)
         elif kind == "fricative":
@@ -339,7 +340,8 @@ def _augmentation_material(root: Path, rng: np.random.Generator, count: int, fs:
         noise = coloured_noise(rng, n, float(rng.uniform(-2.0, 0.5)), fs)
         noise *= 1.0 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.1, 2.0) * np.arange(n) / fs)
         _write(root / "musan" / "noise" / f"noise-{k:04d}.wav", _normalised(noise), fs)
-        _write(root / "musan" / "music" / f"music-{k:04d}.wav", _normalised(synthetic_music(rng, 5.0, fs)), fs)
+        music = synthetic_music(rng, 5.0, fs)
+        _write(root / "musan" / "music" / f"music-{k:04d}.wav", _normalised(music), fs)
         picked = rng.choice(len(babble_voices), int(rng.integers(3, 6)), replace=False)
         talkers = [babble_voices[int(i)] for i in picked]
         babble = np.zeros(n)
@@ -353,8 +355,9 @@ def _augmentation_material(root: Path, rng: np.random.Generator, count: int, fs:
 # ------------------------------------------------------------------------------------- the corpus
 
 
-def _write_speakers(folder: Path, speakers: List[Dict[str, Any]], first_id: int, utterances: int, videos: int,
-                    seconds: Tuple[float, float], rng: np.random.Generator, fs: int, desc: str) -> List[List[str]]:
+def _write_speakers(folder: Path, speakers: List[Dict[str, Any]], first_id: int, utterances: int,
+                    videos: int, seconds: Tuple[float, float], rng: np.random.Generator, fs: int,
+                    desc: str) -> List[List[str]]:
     """Write ``utterances`` per speaker spread over ``videos`` channels; returns per speaker, per
     utterance the relative paths."""
     written: List[List[str]] = []
@@ -389,7 +392,8 @@ def _trials(paths: List[List[str]], videos: int, count: int,
                 pair = (paths[a][i], paths[a][j])
             else:
                 b = int((a + rng.integers(1, len(paths))) % len(paths))
-                pair = (paths[a][int(rng.integers(len(paths[a])))], paths[b][int(rng.integers(len(paths[b])))])
+                first = paths[a][int(rng.integers(len(paths[a])))]
+                pair = (first, paths[b][int(rng.integers(len(paths[b])))])
             if pair in seen or pair[::-1] in seen:
                 continue
             seen.add(pair)
@@ -421,14 +425,16 @@ def make_speaker_dataset(
     ``label enroll test`` (half targets). A parameter change regenerates the corpus, replacing the
     folders it wrote before; a ``root/train`` that is not a synthetic corpus is an error.
     """
-    if num_speakers < 1 or num_val_speakers < 2 or utterances_per_speaker < 1 or val_utterances_per_speaker < 2:
+    if (num_speakers < 1 or num_val_speakers < 2 or utterances_per_speaker < 1
+            or val_utterances_per_speaker < 2):
         raise ValueError("make_speaker_dataset: need num_speakers >= 1, num_val_speakers >= 2, "
                          "utterances_per_speaker >= 1, val_utterances_per_speaker >= 2")
     if not 0 < min_seconds <= max_seconds:
         raise ValueError(f"min_seconds={min_seconds}, max_seconds={max_seconds}: expected 0 < min <= max")
     root = Path(root)
-    meta = {"version": _VERSION, "num_speakers": num_speakers, "utterances_per_speaker": utterances_per_speaker,
-            "videos_per_speaker": videos_per_speaker, "num_val_speakers": num_val_speakers,
+    meta = {"version": _VERSION, "num_speakers": num_speakers,
+            "utterances_per_speaker": utterances_per_speaker, "videos_per_speaker": videos_per_speaker,
+            "num_val_speakers": num_val_speakers,
             "val_utterances_per_speaker": val_utterances_per_speaker, "num_val_trials": num_val_trials,
             "min_seconds": min_seconds, "max_seconds": max_seconds, "augmentation_files": augmentation_files,
             "sample_rate": sample_rate, "seed": seed}
@@ -436,8 +442,8 @@ def make_speaker_dataset(
     if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         return root
     if (root / "train").exists() and not (meta_path.is_file() or marker.is_file()):
-        raise ValueError(f"{root / 'train'} exists but {root} is not a synthetic speaker corpus (no meta.json); "
-                         "choose another root")
+        raise ValueError(f"{root / 'train'} exists but {root} is not a synthetic speaker corpus (no "
+                         "meta.json); choose another root")
     for name in ("train", "val", "musan", "rirs"):  # this generator's own output, from other parameters
         shutil.rmtree(root / name, ignore_errors=True)
     meta_path.unlink(missing_ok=True)
@@ -446,8 +452,8 @@ def make_speaker_dataset(
     rng = np.random.default_rng(seed)
     voices = [sample_speaker(rng) for _ in range(num_speakers + num_val_speakers)]
     seconds = (min_seconds, max_seconds)
-    _write_speakers(root / "train", voices[:num_speakers], 0, utterances_per_speaker, videos_per_speaker, seconds,
-                    rng, sample_rate, "synthetic speech: train")
+    _write_speakers(root / "train", voices[:num_speakers], 0, utterances_per_speaker, videos_per_speaker,
+                    seconds, rng, sample_rate, "synthetic speech: train")
     val = _write_speakers(root / "val", voices[num_speakers:], num_speakers, val_utterances_per_speaker,
                           videos_per_speaker, seconds, rng, sample_rate, "synthetic speech: val")
     trials = _trials(val, videos_per_speaker, num_val_trials, rng)

@@ -1,6 +1,6 @@
-"""Identity retrieval with FAISS: recall@k, mAP, MAP@R, R-precision, and the suite's ``retrieval`` protocol.
+"""Identity retrieval metrics with FAISS: recall@k, mAP, MAP@R, R-precision.
 
-Semantics are pytorch-metric-learning's ``AccuracyCalculator`` (PROTOCOLS.md section d): cosine
+Semantics are pytorch-metric-learning's ``AccuracyCalculator`` (docs/protocols.md section d): cosine
 similarity (inner product of L2-normalised vectors), self excluded by index when the query set is the
 gallery, lone queries dropped, R = number of relevant gallery items (self excluded).
 
@@ -11,200 +11,26 @@ scores without ever holding a [queries, gallery] matrix.
 """
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mlearn.registry import Registry
+from mlearn.evaluation.metrics import search
+from mlearn.evaluation.metrics.search import (
+    INDEXES,
+    IndexOptions,
+    Searcher,
+    gpu_available,
+    row_blocks,
+    unit_rows,
+)
 
 log = logging.getLogger(__name__)
 
-BLOCK_ELEMENTS = 1 << 22  # float32 elements of one working block (16 MB): bounds every temporary
-SHARD_ELEMENTS = 1 << 26  # floats of one exact-search gallery shard on CPU (256 MB)
 KNN_ENTRIES = 1 << 23  # (query, neighbour) results held at once (12 bytes each)
 RELEVANT_ENTRIES = 1 << 22  # (query, relevant item) pairs of one full-ranking block
-GPU_MAX_K = 2048  # FAISS GPU k-selection limit
-
-
-# ------------------------------------------------------------------------------------------ indexes
-
-
-@dataclass(frozen=True)
-class IndexOptions:
-    """Parameters of the approximate indexes (ignored by ``flat``).
-
-    ``nlist``: IVF cells (default ``4·sqrt(N)``, at most N/39); ``nprobe``: IVF cells visited per query;
-    ``hnsw_m``: HNSW links per node; ``ef_search``: HNSW search beam (default ``max(128, k)``, never below k).
-    """
-
-    nlist: Optional[int] = None
-    nprobe: int = 32
-    hnsw_m: int = 32
-    ef_search: Optional[int] = None
-    ef_construction: int = 80
-
-
-@dataclass(frozen=True)
-class IndexKind:
-    """How to make one empty FAISS inner-product index: ``make(dim, size, k, options) -> (index, text)``."""
-
-    exact: bool
-    gpu: bool
-    make: Callable[[int, int, int, IndexOptions], Tuple[Any, str]]
-
-
-INDEXES: Registry[IndexKind] = Registry("retrieval index")
-
-
-def _make_flat(dim: int, size: int, k: int, options: IndexOptions) -> Tuple[Any, str]:
-    import faiss
-
-    return faiss.IndexFlatIP(dim), "flat (exact)"
-
-
-def default_nlist(size: int) -> int:
-    """IVF cells for ``size`` vectors: ``4·sqrt(size)``, capped so every cell gets >= 39 training points."""
-    return int(max(1, min(round(4 * math.sqrt(size)), size // 39)))
-
-
-def _make_ivf(dim: int, size: int, k: int, options: IndexOptions) -> Tuple[Any, str]:
-    import faiss
-
-    nlist = int(options.nlist or default_nlist(size))
-    if not 1 <= nlist <= size:
-        raise ValueError(f"nlist={nlist}: expected 1 <= nlist <= gallery size ({size})")
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.nprobe = min(int(options.nprobe), nlist)
-    return index, f"ivf (nlist={nlist}, nprobe={index.nprobe})"
-
-
-def _make_hnsw(dim: int, size: int, k: int, options: IndexOptions) -> Tuple[Any, str]:
-    import faiss
-
-    index = faiss.IndexHNSWFlat(dim, int(options.hnsw_m), faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = int(options.ef_construction)
-    index.hnsw.efSearch = max(int(options.ef_search or 128), k)
-    return index, f"hnsw (M={options.hnsw_m}, efSearch={index.hnsw.efSearch})"
-
-
-INDEXES.register("flat")(IndexKind(exact=True, gpu=True, make=_make_flat))
-INDEXES.register("ivf")(IndexKind(exact=False, gpu=True, make=_make_ivf))
-INDEXES.register("hnsw")(IndexKind(exact=False, gpu=False, make=_make_hnsw))
-
-
-def gpu_available() -> bool:
-    """True when faiss was built with GPU support, sees a GPU, and torch sees CUDA."""
-    import faiss
-
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def normalise(x: Any) -> np.ndarray:
-    """[N, D] -> float32 rows of unit L2 norm (zero rows stay zero); squared norms summed in float64, so
-    raw embeddings of an untrained network cannot overflow. (As ``mlearn.inference.l2_normalize``, without
-    its float64 copy of the whole block: ~4x faster.)"""
-    x = np.asarray(x, dtype=np.float32)
-    scale = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)), 1e-12)
-    return np.ascontiguousarray(x * scale.astype(np.float32)[:, None])
-
-
-def _unit_rows(x: Any, lo: int, hi: int) -> np.ndarray:
-    """Rows ``lo:hi`` of ``x``, normalised."""
-    return normalise(x[lo:hi])
-
-
-def _unit_query(x: Any, rows: np.ndarray) -> np.ndarray:
-    """Rows ``rows`` (indices) of ``x``, normalised."""
-    return normalise(x[rows])
-
-
-def _row_blocks(lo: int, hi: int, width: int) -> Iterator[Tuple[int, int]]:
-    """[a, b) row ranges covering lo..hi with (b - a) * width <= BLOCK_ELEMENTS (at least one row)."""
-    step = max(1, BLOCK_ELEMENTS // max(1, width))
-    for start in range(lo, hi, step):
-        yield start, min(hi, start + step)
-
-
-class _Searcher:
-    """Top-k inner-product search of normalised queries over the normalised gallery.
-
-    One FAISS index for the whole gallery (GPU, or an approximate index), or, for exact search on CPU, a
-    sequence of shard indexes of at most ``SHARD_ELEMENTS`` floats whose results a FAISS result heap
-    merges: then only one shard's normalised copy is in memory besides the caller's gallery.
-    """
-
-    def __init__(self, gallery: np.ndarray, kind: IndexKind, options: IndexOptions, k: int, gpu: bool) -> None:
-        import faiss
-
-        self.gallery, self.kind, self.options, self.k = gallery, kind, options, k
-        self.size, self.dim = gallery.shape
-        if gpu and kind.gpu and k > GPU_MAX_K:
-            log.warning("searching on CPU: k=%d exceeds the FAISS GPU limit of %d", k, GPU_MAX_K)
-        self.on_gpu = gpu and kind.gpu and k <= GPU_MAX_K
-        self._resources = faiss.StandardGpuResources() if self.on_gpu else None
-        self.sharded = kind.exact and not self.on_gpu
-        self.shard_rows = max(1, SHARD_ELEMENTS // self.dim) if self.sharded else self.size
-        self._index: Any = None
-        self.description = ""
-        if not self.sharded or self.size <= self.shard_rows:
-            self._index, self.description = self._build(0, self.size)
-        else:
-            self.description = kind.make(self.dim, self.shard_rows, k, options)[1] + " sharded"
-        self.description += ", gpu" if self.on_gpu else ", cpu"
-
-    def _build(self, lo: int, hi: int) -> Tuple[Any, str]:
-        import faiss
-
-        index, text = self.kind.make(self.dim, hi - lo, self.k, self.options)
-        if self._resources is not None:
-            nprobe = getattr(index, "nprobe", None)
-            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
-            if nprobe is not None:
-                index.nprobe = nprobe
-        if not index.is_trained:
-            index.train(self._training_sample(lo, hi, getattr(index, "nlist", 1)))
-        for a, b in _row_blocks(lo, hi, self.dim):
-            index.add(_unit_rows(self.gallery, a, b))
-        return index, text
-
-    def _training_sample(self, lo: int, hi: int, nlist: int) -> np.ndarray:
-        size = hi - lo
-        count = min(size, max(40 * nlist, 10_000))
-        rows = np.sort(np.random.default_rng(0).choice(size, count, replace=False)) + lo
-        return normalise(self.gallery[rows])
-
-    def search(self, query: np.ndarray, rows: np.ndarray, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Top-k of ``query[rows]`` (normalised here, batch by batch): (scores, gallery indices) [len(rows), k],
-        best first; index -1 where the index returned fewer than k results."""
-        import faiss
-
-        batches = [(a, min(len(rows), a + batch_size)) for a in range(0, len(rows), batch_size)]
-        if self._index is not None:
-            scores = np.empty((len(rows), self.k), np.float32)
-            ids = np.empty((len(rows), self.k), np.int64)
-            for a, b in batches:
-                scores[a:b], ids[a:b] = self._index.search(_unit_query(query, rows[a:b]), self.k)
-            return scores, ids
-        heap = faiss.ResultHeap(len(rows), self.k, keep_max=True)
-        for lo in range(0, self.size, self.shard_rows):
-            hi = min(self.size, lo + self.shard_rows)
-            index, _ = self._build(lo, hi)
-            for a, b in batches:
-                scores, ids = index.search(_unit_query(query, rows[a:b]), min(self.k, hi - lo))
-                heap.add_result_subset(np.arange(a, b), scores, np.where(ids >= 0, ids + lo, -1))
-            del index
-        heap.finalize()
-        return heap.D, heap.I
 
 
 def drop_self(ids: np.ndarray, self_index: np.ndarray) -> np.ndarray:
@@ -249,8 +75,8 @@ def _full_ranking_sums(query_unit: np.ndarray, query_codes: np.ndarray, self_ind
     relevant = np.bincount(rel_row, minlength=b)  # R per query, >= 1 (lone queries were dropped)
     total = len(rel_row)
     thresholds = np.empty(total, np.float32)
-    for a, c in _row_blocks(0, total, dim):
-        vectors = normalise(gallery[rel_item[a:c]])
+    for a, c in row_blocks(0, total, dim):
+        vectors = unit_rows(gallery[rel_item[a:c]])
         thresholds[a:c] = np.einsum("ij,ij->i", vectors, query_unit[rel_row[a:c]])
     row_start = np.cumsum(relevant) - relevant
     lowest = np.minimum.reduceat(thresholds, row_start)  # rel_row is grouped by row
@@ -263,15 +89,15 @@ def _full_ranking_sums(query_unit: np.ndarray, query_codes: np.ndarray, self_ind
     codes = torch.from_numpy(query_codes).to(device)[:, None]
     lowest_t = torch.from_numpy(lowest).to(device)[:, None]
     start_t = torch.from_numpy(row_start).to(device)
-    dense_ok = b * int(relevant.max()) <= 2 * BLOCK_ELEMENTS
+    dense_ok = b * int(relevant.max()) <= 2 * search.BLOCK_ELEMENTS
     if dense_ok:  # the same sorted thresholds per row, padded with +inf: [b, max R]
         padded = torch.full((b, int(relevant.max())), float("inf"), device=device)
         local_index = torch.arange(total, device=device) - start_t[row]
         padded[row, local_index] = torch.from_numpy(thresholds).to(device)[perm]
-    chunk = max(1, min(BLOCK_ELEMENTS // b, BLOCK_ELEMENTS // dim))
+    chunk = max(1, min(search.BLOCK_ELEMENTS // b, search.BLOCK_ELEMENTS // dim))
     for lo in range(0, len(gallery), chunk):
         hi = min(len(gallery), lo + chunk)
-        scores = q @ torch.from_numpy(_unit_rows(gallery, lo, hi)).to(device).T
+        scores = q @ torch.from_numpy(unit_rows(gallery[lo:hi])).to(device).T
         scores.masked_fill_(codes == gallery_codes[lo:hi][None, :], float("-inf"))  # relevant items and self
         # p = (keys of earlier rows) + #{own row's thresholds <= score}: the item outranks (ties included)
         # the relevant items at sorted positions < p of its row. Candidates (score >= the row's lowest
@@ -329,7 +155,7 @@ def _labels(labels: Any, count: int, name: str) -> np.ndarray:
 
 
 def _check_finite(x: np.ndarray, name: str) -> None:
-    for lo, hi in _row_blocks(0, len(x), x.shape[1]):
+    for lo, hi in row_blocks(0, len(x), x.shape[1]):
         bad = ~np.isfinite(np.asarray(x[lo:hi], np.float32)).all(1)
         if bad.any():
             raise ValueError(f"{name}: row {lo + int(np.flatnonzero(bad)[0])} is not finite as float32 "
@@ -339,16 +165,17 @@ def _check_finite(x: np.ndarray, name: str) -> None:
 def _check_same_set(query: np.ndarray, gallery: np.ndarray, query_labels: np.ndarray,
                     gallery_labels: np.ndarray) -> None:
     if query.shape != gallery.shape or len(query_labels) != len(gallery_labels):
-        raise ValueError(f"exclude_self=True needs the query set to be the gallery (query i = gallery i); got "
-                         f"query {tuple(query.shape)} and gallery {tuple(gallery.shape)}")
+        raise ValueError(f"exclude_self=True needs the query set to be the gallery (query i = gallery i); "
+                         f"got query {tuple(query.shape)} and gallery {tuple(gallery.shape)}")
     if not np.array_equal(query_labels, gallery_labels):
         raise ValueError("exclude_self=True needs query_labels == gallery_labels (query i = gallery i)")
     if query is gallery:
         return
-    for lo, hi in _row_blocks(0, len(query), query.shape[1]):
+    for lo, hi in row_blocks(0, len(query), query.shape[1]):
         if not np.allclose(np.asarray(query[lo:hi], np.float64), np.asarray(gallery[lo:hi], np.float64),
                            rtol=1e-5, atol=1e-6):
-            raise ValueError(f"exclude_self=True needs query == gallery row by row; rows {lo}..{hi - 1} differ")
+            raise ValueError(f"exclude_self=True needs query == gallery row by row; "
+                             f"rows {lo}..{hi - 1} differ")
 
 
 def _check_ks(ks: Sequence[int], gallery_size: int, exclude_self: bool) -> Tuple[int, ...]:
@@ -365,7 +192,8 @@ def _check_ks(ks: Sequence[int], gallery_size: int, exclude_self: bool) -> Tuple
     return values
 
 
-def _query_blocks(rows: int, weights: np.ndarray, max_rows: int, max_weight: int) -> Iterator[Tuple[int, int]]:
+def _query_blocks(rows: int, weights: np.ndarray, max_rows: int,
+                  max_weight: int) -> Iterator[Tuple[int, int]]:
     """Consecutive [a, b) with b - a <= max_rows and weight sum <= max_weight (always >= 1 row)."""
     cumulative = np.concatenate([[0], np.cumsum(weights, dtype=np.int64)])
     a = 0
@@ -423,7 +251,7 @@ def retrieval_metrics(query: Any, query_labels: Any, gallery: Any, gallery_label
         raise ValueError(f"query has dimension {query.shape[1]} but gallery has {gallery.shape[1]}")
     query_labels = _labels(query_labels, len(query), "query_labels")
     gallery_labels = _labels(gallery_labels, len(gallery), "gallery_labels")
-    kind = INDEXES.get(index)
+    kind = INDEXES.build(index)
     if exclude_self:
         _check_same_set(query, gallery, query_labels, gallery_labels)
     ks = _check_ks(ks, len(gallery), exclude_self)
@@ -450,8 +278,10 @@ def retrieval_metrics(query: Any, query_labels: Any, gallery: Any, gallery_label
     result: Dict[str, float] = {}
     num_dropped = len(query) - len(evaluated)
     gallery_size = len(gallery) - int(exclude_self)
+    top = max(ks)  # neighbours searched (besides the query itself)
     if not full_map:
-        depth = min(gallery_size, max(int(depth or max(max(ks), int(relevant.max(initial=0)))), max(ks)))
+        wanted = int(depth or max(max(ks), int(relevant.max(initial=0))))
+        depth = top = min(gallery_size, max(wanted, max(ks)))
         if len(relevant) and depth < relevant.max():
             warnings.warn(f"depth={depth} is below the largest R ({relevant.max()}): map@r and r_precision "
                           f"count relevant items beyond rank {depth} as missed", stacklevel=2)
@@ -460,9 +290,9 @@ def retrieval_metrics(query: Any, query_labels: Any, gallery: Any, gallery_label
         names = [f"recall@{k}" for k in ks] + ["map" if full_map else f"map@{depth}", "map@r", "r_precision"]
         return {**{n: float("nan") for n in names}, "num_queries": 0, "num_dropped": int(num_dropped)}
 
-    k_search = (max(ks) if full_map else int(depth)) + int(exclude_self)
+    k_search = top + int(exclude_self)
     options = IndexOptions(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
-    searcher = _Searcher(gallery, kind, options, k_search, gpu)
+    searcher = Searcher(gallery, kind, options, k_search, gpu)
     log.info("retrieval: %d queries (%d dropped), gallery %d, index %s", len(evaluated), num_dropped,
              len(gallery), searcher.description)
     hits = {k: 0 for k in ks}
@@ -486,11 +316,11 @@ def retrieval_metrics(query: Any, query_labels: Any, gallery: Any, gallery_label
         if full_map:
             for a, b in _query_blocks(len(rows), relevant[sa:sb], batch_size, RELEVANT_ENTRIES):
                 block = rows[a:b]
-                sums += _full_ranking_sums(_unit_query(query, block), query_codes[block],
+                sums += _full_ranking_sums(unit_rows(query[block]), query_codes[block],
                                            block if exclude_self else None, gallery, gallery_codes_t,
                                            (order, starts), device)
         else:
-            for a, b in _row_blocks(0, len(rows), match.shape[1]):
+            for a, b in row_blocks(0, len(rows), match.shape[1]):
                 sums += _truncated_sums(match[a:b], relevant[sa:sb][a:b])
     n = len(evaluated)
     for k in ks:
@@ -515,126 +345,3 @@ def _truncated_sums(match: np.ndarray, relevant: np.ndarray) -> np.ndarray:
                      ((hits * within).sum(1) / relevant).sum()])
 
 
-# ------------------------------------------------------------------------------------- protocol
-
-
-PROTOCOL_KEYS = ("type", "name", "query", "gallery", "ks", "index", "flip", "nlist", "nprobe", "hnsw_m",
-                 "ef_search", "workers")
-REQUIRED_KEYS = ("query",)
-SET_FORMATS = "an image folder <set>/<label>/<image> or a list file of 'path label' lines"
-
-
-def embed_image_set(model: Any, path: Path, batch_size: int = 128, flip: bool = False,
-                    workers: int = 0) -> Tuple[np.ndarray, np.ndarray, int]:
-    """Raw embeddings of every readable image of an image folder / list file (``mlearn.data.open_dataset``).
-
-    Images are resized to ``model.spec["input_size"]`` (else to the first image's size) and, with ``flip``,
-    the embedding of the mirrored image is added before any normalisation. Returns (float32 [N, D],
-    original labels as strings [N], number of unreadable images skipped).
-    """
-    from torch.utils.data import DataLoader
-
-    from mlearn.data.corrupt import collate_skip_corrupt
-    from mlearn.data.folders import open_dataset
-    from mlearn.inference import resize_image
-
-    dataset = open_dataset(path)
-    size = (getattr(model, "spec", None) or {}).get("input_size")
-    if size is None:
-        first = next((dataset[i][0] for i in range(len(dataset)) if dataset[i] is not None), None)
-        if first is None:
-            raise ValueError(f"{path}: none of its {len(dataset)} images can be read")
-        size = first.shape[:2]
-    dataset.transform = functools.partial(resize_image, height=int(size[0]), width=int(size[1]))
-    names = np.array([str(name) for name in sorted(dataset.label_map, key=dataset.label_map.get)])
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_corrupt)
-    chunks: List[np.ndarray] = []
-    labels: List[np.ndarray] = []
-    unreadable = 0
-    for images, batch_labels, corrupt in loader:
-        unreadable += corrupt
-        if not len(batch_labels):
-            continue
-        batch = images.numpy()
-        emb = np.asarray(model.embed(batch, normalize=False), np.float32)
-        if flip:
-            mirrored = np.ascontiguousarray(batch[:, :, ::-1])
-            emb = emb + np.asarray(model.embed(mirrored, normalize=False), np.float32)
-        chunks.append(emb)
-        labels.append(names[batch_labels.numpy()])
-    if not chunks:
-        raise ValueError(f"{path}: none of its {len(dataset)} images can be read")
-    if unreadable:
-        log.warning("%s: %d unreadable image(s) skipped", path, unreadable)
-    return np.concatenate(chunks), np.concatenate(labels), unreadable
-
-
-def _set_path(root: Path, value: Any, name: str, key: str) -> Path:
-    path = Path(str(value))
-    path = path if path.is_absolute() else root / path
-    if not path.exists():
-        raise FileNotFoundError(f"{name}: {path} not found ({key}: expected {SET_FORMATS}; "
-                                f"see datasets/README.md)")
-    return path
-
-
-def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: int) -> List[Dict[str, Any]]:
-    """Suite protocol ``type: retrieval``: embed ``query`` (and ``gallery``; absent = the query set searched
-    against itself, self excluded) and report :func:`retrieval_metrics` as one row.
-
-    Keys: ``name``, ``query``, ``gallery``, ``ks`` (default [1, 5, 10]), ``index`` (flat/ivf/hnsw),
-    ``flip`` (default false), ``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``, ``workers`` (loader processes).
-    """
-    unknown = sorted(set(protocol) - set(PROTOCOL_KEYS))
-    name = str(protocol.get("name") or Path(str(protocol.get("query", "retrieval"))).stem)
-    if unknown:
-        raise ValueError(f"retrieval protocol {name!r}: unknown key(s) {unknown}; "
-                         f"accepted: {list(PROTOCOL_KEYS)}")
-    if "query" not in protocol:
-        raise KeyError(f"retrieval protocol {name!r}: missing 'query' ({SET_FORMATS})")
-    if getattr(model, "modality", "image") != "image":
-        raise ValueError(f"{name}: the retrieval protocol embeds images; this model's modality is "
-                         f"{model.modality!r}")
-    root = Path(root)
-    flip = bool(protocol.get("flip", False))
-    workers = int(protocol.get("workers", 0))
-    ks = protocol.get("ks", (1, 5, 10))
-    index = str(protocol.get("index", "flat"))
-    options = {k: protocol[k] for k in ("nlist", "nprobe", "hnsw_m", "ef_search") if k in protocol}
-    query_path = _set_path(root, protocol["query"], name, "query")
-    gallery_path = _set_path(root, protocol["gallery"], name, "gallery") if "gallery" in protocol else None
-    query, query_labels, query_bad = embed_image_set(model, query_path, batch_size, flip, workers)
-    if gallery_path is None:
-        gallery, gallery_labels, gallery_bad = query, query_labels, 0
-    else:
-        gallery, gallery_labels, gallery_bad = embed_image_set(model, gallery_path, batch_size, flip, workers)
-    identities = np.unique(gallery_labels)
-    if len(identities) < 2:
-        raise ValueError(f"{name}: {gallery_path or query_path} holds a single identity ('{identities[0]}'); "
-                         "retrieval needs at least 2, else every neighbour is a match")
-    try:
-        metrics = retrieval_metrics(query, query_labels, gallery, gallery_labels, tuple(ks),
-                                    exclude_self=gallery_path is None, index=index, **options)
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"{name}: {exc.args[0] if exc.args else exc}") from None
-    map_key = "map" if "map" in metrics else next(k for k in metrics if k.startswith("map@") and k != "map@r")
-    table = {"benchmark": name, "method": "model", "queries": str(metrics["num_queries"]),
-             "gallery": str(len(gallery))}
-    table.update({f"R@{k}": _percent(metrics[f"recall@{k}"]) for k in dict.fromkeys(int(k) for k in ks)})
-    table["mAP" if map_key == "map" else f"mAP@{map_key[4:]}"] = _percent(metrics[map_key])
-    table["mAP@R"] = _percent(metrics["map@r"])
-    return [{
-        "benchmark": name, "method": "model",
-        "protocol": "query vs gallery" if gallery_path else "leave-one-out (gallery = query set, self excluded)",
-        "queries": len(query), "gallery": len(gallery),
-        "unreadable": {"query": int(query_bad), "gallery": int(gallery_bad)},
-        "fusion": "flip-sum" if flip else "none", "distance": "cosine (FAISS inner product)",
-        "normalisation": "L2", "index": index, **options, **metrics,
-        "_table": table,
-        "_legend": "queries: evaluated (lone ones dropped); R@k: recall@k (%), mAP: full-ranking mean AP (%), "
-                   "mAP@R: MAP@R (%); pytorch-metric-learning semantics, cosine, self excluded by index",
-    }]
-
-
-def _percent(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value * 100:.2f}"

@@ -8,7 +8,8 @@ import numpy as np
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def roc_metrics(scores: np.ndarray, labels: np.ndarray, fars: Sequence[float] = DEFAULT_FARS) -> Dict[str, Any]:
+def roc_metrics(scores: np.ndarray, labels: np.ndarray,
+                fars: Sequence[float] = DEFAULT_FARS) -> Dict[str, Any]:
     """TAR@FAR (nearest FPR on sklearn's default ROC, ties to the larger TPR), strict TAR@FAR
     (max TPR with FPR <= target, over every distinct threshold), EER (fraction), AUC and minDCF
     (p_target 0.01). Higher score = more likely the same identity."""
@@ -31,7 +32,7 @@ def roc_metrics(scores: np.ndarray, labels: np.ndarray, fars: Sequence[float] = 
 
 
 class _Sweep:
-    """The Kaldi/NIST robust sweep (PROTOCOLS.md c.2): scores sorted ascending (stable), threshold at
+    """The Kaldi/NIST robust sweep (docs/protocols.md c.2): scores sorted ascending (stable), threshold at
     each sorted score. FNR_i = targets among the i lowest / n_t, FPR_i = 1 - non-targets among them / n_n."""
 
     def __init__(self, scores: np.ndarray, labels: np.ndarray) -> None:
@@ -80,7 +81,8 @@ def _check_binary(scores: np.ndarray, labels: np.ndarray, what: str):
     if scores.shape != labels.shape:
         raise ValueError(f"{what}: scores {scores.shape} and labels {labels.shape} differ in length")
     if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{what}: labels must be 0/1 (1 = target, same identity); got {np.unique(labels)[:5]}")
+        raise ValueError(f"{what}: labels must be 0/1 (1 = target, same identity); "
+                         f"got {np.unique(labels)[:5]}")
     n_target = int(labels.sum())
     for count, missing in ((n_target, "target (same-identity)"), (len(labels) - n_target, "non-target")):
         if count == 0:
@@ -88,8 +90,8 @@ def _check_binary(scores: np.ndarray, labels: np.ndarray, what: str):
                              "minDCF need both targets and non-targets")
     bad = np.flatnonzero(~np.isfinite(scores))
     if len(bad):
-        raise ValueError(f"{what}: {len(bad)} of {len(scores)} scores are NaN or inf (first at index {bad[0]}); "
-                         "the embeddings they come from are not finite")
+        raise ValueError(f"{what}: {len(bad)} of {len(scores)} scores are NaN or inf "
+                         f"(first at index {bad[0]}); the embeddings they come from are not finite")
     return scores, labels
 
 
@@ -129,5 +131,5 @@ def eer_speechbrain(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((far[idx] + frr[idx]) / 2)
 
 
-# EER variants by name (PROTOCOLS.md c.3): "nist" is the reference the reports print.
+# EER variants by name (docs/protocols.md c.3): "nist" is the reference the reports print.
 EER_VARIANTS = {"nist": eer_nist, "sklearn": eer_sklearn, "speechbrain": eer_speechbrain}

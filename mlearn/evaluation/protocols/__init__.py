@@ -1,0 +1,6 @@
+"""Evaluation protocols: file readers, typed suite options (``options``) and suite adapters, one
+module per suite ``type``: ``bins`` (bin), ``ijb`` (+ ``ijb_meta``), ``trials``, ``retrieval``.
+
+Each adapter module has ``run(model, options, root, batch_size, cache) -> List[ResultRow]`` and
+``run_protocol(model, entry_dict, root, batch_size)`` for a plain dict.
+"""
