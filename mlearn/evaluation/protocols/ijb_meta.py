@@ -78,15 +78,21 @@ def _is_int(text: str) -> bool:
     return True
 
 
-def _read_table(path: PathLike, n_values: int, dtype: Any, layout: str) -> np.ndarray:
-    """Whitespace-separated lines of ``n_values`` numbers -> values [N, n_values]. Vectorised for the
-    15.7M-line IJB-C pair file: token counts per line from byte masks, then one ``np.fromstring``."""
-    path = Path(path)
+def _read_lines_bytes(path: Path, layout: str) -> bytes:
+    """The bytes of a non-empty text file (trailing whitespace stripped); clear errors otherwise."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     data = path.read_bytes().rstrip()
     if not data:
         raise ValueError(f"{path}: empty file; expected lines '{layout}'")
+    return data
+
+
+def _read_table(path: PathLike, n_values: int, dtype: Any, layout: str) -> np.ndarray:
+    """Whitespace-separated lines of ``n_values`` numbers -> values [N, n_values]. Vectorised for the
+    15.7M-line IJB-C pair file: token counts per line from byte masks, then one ``np.fromstring``."""
+    path = Path(path)
+    data = _read_lines_bytes(path, layout)
     raw = np.frombuffer(data, np.uint8)
     starts = np.concatenate([[0], np.flatnonzero(raw == 10) + 1])
     ends = np.concatenate([starts[1:] - 1, [len(raw)]])
@@ -118,11 +124,7 @@ def _read_named_table(path: PathLike, n_values: int, dtype: Any,
     """Lines of a name then ``n_values`` numbers -> (names [N] str, values [N, n_values]): a plain
     split loop (these files have at most ~0.5M lines)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    data = path.read_bytes().rstrip()
-    if not data:
-        raise ValueError(f"{path}: empty file; expected lines '{layout}'")
+    data = _read_lines_bytes(path, layout)
     try:
         lines = data.decode().split("\n")
     except UnicodeDecodeError as exc:
