@@ -1,24 +1,36 @@
 """Tiny training sets written by the tests: ``write_palette_rec(root, ...)`` -> an insightface RecordIO
-folder."""
+folder (also the ``tiny_recordio`` fixture of ``tests/conftest.py``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Sequence, Union
 
 import cv2
 import numpy as np
 
 from mlearn.data.images.recordio import RecordIOWriter
 
+CORRUPT_IMAGE = b"\xff\xd8\xff\xe0 not a jpeg at all"  # a JPEG start marker, then no image
 
-def write_palette_rec(root: Path, classes: int, per_class: int, size: int, seed: int = 0, grid: int = 3,
-                      noise: float = 25.0) -> Path:
-    """``classes`` identities of ``per_class`` smooth random colour images [size, size, 3]: each identity is a
-    random ``grid x grid`` colour palette, each image that palette plus N(0, noise) jitter, upsampled."""
+
+def write_palette_rec(root: Path, classes: int, per_class: Union[int, Sequence[int]], size: int,
+                      seed: int = 0, grid: int = 3, noise: float = 25.0, corrupt: Iterable[int] = ()) -> Path:
+    """``classes`` identities of ``per_class`` smooth random colour images [size, size, 3] (``per_class``:
+    one count for all or one per class): each identity is a random ``grid x grid`` colour palette, each
+    image that palette plus N(0, noise) jitter, upsampled. The images at the 0-based positions
+    ``corrupt`` are written as :data:`CORRUPT_IMAGE` instead (the others stay as without them)."""
+    counts = [per_class] * classes if isinstance(per_class, int) else list(per_class)
+    if len(counts) != classes:
+        raise ValueError(f"per_class: {len(counts)} counts for {classes} classes")
+    corrupt = set(corrupt)
     rng = np.random.default_rng(seed)
+    position = 0
     with RecordIOWriter(root) as writer:
-        for label in range(classes):
+        for label, count in enumerate(counts):
             palette = rng.integers(0, 256, (grid, grid, 3))
-            for _ in range(per_class):
+            for _ in range(count):
                 coarse = np.clip(palette + rng.normal(0, noise, palette.shape), 0, 255).astype(np.uint8)
-                writer.add(cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR), label)
+                image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR)
+                writer.add(CORRUPT_IMAGE if position in corrupt else image, label)
+                position += 1
     return root

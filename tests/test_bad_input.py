@@ -31,7 +31,6 @@ import soundfile as sf
 import torch
 import yaml
 from bad_input_utils import ROOT, fails_cleanly, mlearn, tree
-from data_utils import write_palette_rec
 
 from mlearn.data.images.bins import write_bin
 from mlearn.models import IResNet
@@ -219,24 +218,24 @@ def _data_list_file(tmp: Path, labels: List[str]) -> Path:
     return path
 
 
-def _data_non_integer_label(tmp: Path) -> Tuple[Path, Tuple[str, ...]]:
+def _data_non_integer_label(tmp: Path, tiny_recordio: Callable) -> Tuple[Path, Tuple[str, ...]]:
     return _data_list_file(tmp, ["1", "2", "x", "3"]), ("list.txt:3", "'x'", "not an integer")
 
 
-def _data_zero_byte_idx(tmp: Path) -> Tuple[Path, Tuple[str, ...]]:
-    write_palette_rec(tmp / "rec", classes=2, per_class=2, size=16)
+def _data_zero_byte_idx(tmp: Path, tiny_recordio: Callable) -> Tuple[Path, Tuple[str, ...]]:
+    tiny_recordio(tmp / "rec", classes=2, per_class=2, size=16)
     (tmp / "rec" / "train.idx").write_bytes(b"")
     return tmp / "rec", ("train.rec", "no readable image records", "0 entries in", "train.idx")
 
 
-def _data_zero_byte_rec(tmp: Path) -> Tuple[Path, Tuple[str, ...]]:
-    write_palette_rec(tmp / "rec", classes=2, per_class=2, size=16)
+def _data_zero_byte_rec(tmp: Path, tiny_recordio: Callable) -> Tuple[Path, Tuple[str, ...]]:
+    tiny_recordio(tmp / "rec", classes=2, per_class=2, size=16)
     (tmp / "rec" / "train.rec").write_bytes(b"")
     return tmp / "rec", ("train.rec", "no readable image records", "0 bytes")
 
 
-def _data_malformed_idx(tmp: Path) -> Tuple[Path, Tuple[str, ...]]:
-    write_palette_rec(tmp / "rec", classes=2, per_class=2, size=16)
+def _data_malformed_idx(tmp: Path, tiny_recordio: Callable) -> Tuple[Path, Tuple[str, ...]]:
+    tiny_recordio(tmp / "rec", classes=2, per_class=2, size=16)
     idx = tmp / "rec" / "train.idx"
     lines = idx.read_text().splitlines()
     lines[2] = lines[2].replace("\t", "\t0x")
@@ -246,15 +245,17 @@ def _data_malformed_idx(tmp: Path) -> Tuple[Path, Tuple[str, ...]]:
 
 @pytest.mark.parametrize("make", [_data_non_integer_label, _data_zero_byte_idx, _data_zero_byte_rec,
                                   _data_malformed_idx], ids=lambda f: f.__name__[6:])
-def test_data_inspect_bad_set(tmp_path: Path, make: Callable[[Path], Tuple[Path, Tuple[str, ...]]]) -> None:
-    path, expected = make(tmp_path)
+def test_data_inspect_bad_set(tmp_path: Path, tiny_recordio: Callable,
+                              make: Callable[..., Tuple[Path, Tuple[str, ...]]]) -> None:
+    path, expected = make(tmp_path, tiny_recordio)
     before = tree(tmp_path)
     fails_cleanly(mlearn("data", "inspect", path), *expected)
     assert tree(tmp_path) == before
 
 
-def test_data_convert_into_non_empty_folder_overwrites_nothing(tmp_path: Path) -> None:
-    write_palette_rec(tmp_path / "rec", classes=2, per_class=2, size=16)
+def test_data_convert_into_non_empty_folder_overwrites_nothing(tmp_path: Path,
+                                                               tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path / "rec", classes=2, per_class=2, size=16)
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "label_map.json").write_text('{"mine": 0}')
@@ -301,8 +302,9 @@ def _data_offsets(root: Path) -> Dict[int, int]:
 
 
 @pytest.mark.slow
-def test_data_image_size_zero_is_refused_before_the_run_dir_is_written(tmp_path: Path) -> None:
-    write_palette_rec(tmp_path / "rec", classes=4, per_class=4, size=16)
+def test_data_image_size_zero_is_refused_before_the_run_dir_is_written(tmp_path: Path,
+                                                                       tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path / "rec", classes=4, per_class=4, size=16)
     config = _data_train_config(tmp_path, tmp_path / "rec")
     before = tree(tmp_path)
     result = mlearn("train", "--config", config, "--run_dir", tmp_path / "run", "--data.image_size", "0")
@@ -311,8 +313,8 @@ def test_data_image_size_zero_is_refused_before_the_run_dir_is_written(tmp_path:
 
 
 @pytest.mark.slow
-def test_data_strict_truncated_rec_is_refused_at_open(tmp_path: Path) -> None:
-    write_palette_rec(tmp_path / "rec", classes=4, per_class=4, size=16)
+def test_data_strict_truncated_rec_is_refused_at_open(tmp_path: Path, tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path / "rec", classes=4, per_class=4, size=16)
     _data_truncate_at_record(tmp_path / "rec", 9)  # images 9..16 and the identity records are cut off
     config = _data_train_config(tmp_path, tmp_path / "rec", strict=True)
     before = tree(tmp_path)
@@ -322,8 +324,9 @@ def test_data_strict_truncated_rec_is_refused_at_open(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_data_truncated_rec_trains_and_reports_the_dropped_records(tmp_path: Path) -> None:
-    write_palette_rec(tmp_path / "rec", classes=4, per_class=4, size=16)
+def test_data_truncated_rec_trains_and_reports_the_dropped_records(tmp_path: Path,
+                                                                   tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path / "rec", classes=4, per_class=4, size=16)
     _data_truncate_at_record(tmp_path / "rec", 9)
     config = _data_train_config(tmp_path, tmp_path / "rec", batch_size=2)
     result = mlearn("train", "--config", config, "--run_dir", tmp_path / "run")
@@ -335,14 +338,8 @@ def test_data_truncated_rec_trains_and_reports_the_dropped_records(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_data_strict_corrupt_sample_names_the_record(tmp_path: Path) -> None:
-    write_palette_rec(tmp_path / "rec", classes=4, per_class=4, size=16)
-    idx = _data_offsets(tmp_path / "rec")
-    rec = tmp_path / "rec" / "train.rec"
-    raw = bytearray(rec.read_bytes())
-    start = idx[3] + 8 + 24  # record 3's JPEG: its first bytes zeroed, so it does not decode
-    raw[start:start + 16] = bytes(16)
-    rec.write_bytes(bytes(raw))
+def test_data_strict_corrupt_sample_names_the_record(tmp_path: Path, tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path / "rec", classes=4, per_class=4, size=16, corrupt=[2])  # record 3: no image
     # a DataLoader worker: torch re-raises its exception with the worker's traceback as the message
     config = _data_train_config(tmp_path, tmp_path / "rec", strict=True, batch_size=16, num_workers=1)
     outside = tree(tmp_path)
@@ -449,7 +446,7 @@ def _runs_add_payload(path: Path, marker: Path) -> None:
 @pytest.mark.parametrize("case", ["embedding_size", "num_classes", "other_identities", "truncated",
                                   "legacy_pickle", "missing"])
 def test_runs_failed_resume_leaves_the_run_dir_unchanged(case: str, _runs_base: Dict[str, Path],
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, tiny_recordio: Callable) -> None:
     run = _runs_copy(_runs_base, tmp_path)
     last = run / "checkpoints" / "last.ckpt"
     args = ["train", "--config", _runs_base["config"], "--run_dir", run, "--ckpt_path", "last",
@@ -459,11 +456,11 @@ def test_runs_failed_resume_leaves_the_run_dir_unchanged(case: str, _runs_base: 
         args += ["--model.backbone.init_args.embedding_size", "64"]
         expected += ["embedding size 128", "64"]
     elif case == "num_classes":
-        rec = write_palette_rec(tmp_path / "rec4", classes=4, per_class=4, size=112)
+        rec = tiny_recordio(tmp_path / "rec4", classes=4, per_class=4, size=112)
         args += ["--data.root", rec, "--data.synthetic", "null"]
         expected += ["6 classes", "the data has 4"]
     elif case == "other_identities":  # as many classes, other names: the label map recorded in the run dir
-        rec = write_palette_rec(tmp_path / "rec6", classes=6, per_class=4, size=112)
+        rec = tiny_recordio(tmp_path / "rec6", classes=6, per_class=4, size=112)
         args += ["--data.root", rec, "--data.synthetic", "null"]
         expected += ["identities differ", str(run / "label_map.json")]
     elif case == "truncated":

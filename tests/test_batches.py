@@ -6,14 +6,13 @@ import pickle
 import random
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from typing import Callable
 
 import albumentations as A
-import cv2
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing  # noqa: F401 - registers the shared-memory reductions with ForkingPickler
-from data_utils import write_palette_rec
 from torch.utils.data import DataLoader
 
 from mlearn.data.corrupt import collate_skip_corrupt
@@ -37,18 +36,9 @@ SIZE = 24
 
 
 @pytest.fixture(scope="module")
-def rec_with_corrupt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rec_with_corrupt(tiny_recordio: Callable) -> Path:
     """20 images of 4 identities, record 6 (dataset index 5) not a decodable JPEG."""
-    root = tmp_path_factory.mktemp("rec")
-    rng = np.random.default_rng(0)
-    with RecordIOWriter(root) as writer:
-        for i in range(20):
-            if i == 5:
-                writer.add(b"\xff\xd8\xff\xe0 not a jpeg at all", i // 5)
-                continue
-            coarse = rng.integers(0, 256, (3, 3, 3)).astype(np.uint8)
-            writer.add(cv2.resize(coarse, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR), i // 5)
-    return root
+    return tiny_recordio(classes=4, per_class=5, size=SIZE, corrupt=[5])
 
 
 @pytest.mark.parametrize("output", ["float", "uint8"])
@@ -84,15 +74,15 @@ def _received_buffer_addresses(allocator: BatchAllocator) -> set:
     return {buffer.data_ptr() for _, slots in pools for _, buffer in slots.values()}
 
 
-def test_worker_batches_reuse_buffers_without_touching_held_batches(tmp_path: Path) -> None:
+def test_worker_batches_reuse_buffers_without_touching_held_batches(tiny_recordio: Callable) -> None:
     """Two workers; every batch of epoch 0 kept alive (6 of each worker's 8 buffers stay in use), then
     only every third batch of epoch 1 (the others' buffers are reused meanwhile; a worker whose pool runs
     dry sends a fresh segment): no kept batch ever changes, each lies in the worker's memory (no copy), and
     the stream equals the in-process one."""
-    write_palette_rec(tmp_path, classes=6, per_class=16, size=SIZE)
+    rec = tiny_recordio(classes=6, per_class=16, size=SIZE)
 
     def epochs(workers: int) -> list:
-        data = FaceDataModule(str(tmp_path), batch_size=8, num_workers=workers, image_size=SIZE)
+        data = FaceDataModule(str(rec), batch_size=8, num_workers=workers, image_size=SIZE)
         loader = data.train_dataloader()
         kept = list(loader)
         loader.sampler.set_epoch(1)
@@ -244,6 +234,7 @@ def test_read_many_matches_read_bytes_on_every_record_layout(tmp_path: Path) -> 
     from mlearn.data.images.recordio import MAGIC
 
     magic = MAGIC.to_bytes(4, "little")
+    # written inline: raw payloads, multi-part and array-label records are the point (not a tiny_recordio)
     payloads = [b"\xff\xd8\xff" + bytes([i]) * (40 + i) for i in range(6)]
     payloads[2] = magic + b"split here" + magic + b"and here!!"  # magic at aligned offsets: multi-part
     with RecordIOWriter(tmp_path, insightface_header=False) as writer:
@@ -306,12 +297,12 @@ def test_buffers_of_exited_workers_are_unmapped() -> None:
     assert not seen[0] & seen[1] and not seen[1] & seen[2]
 
 
-def test_workers_forked_after_the_parent_drew_keep_the_sample_streams(tmp_path: Path) -> None:
+def test_workers_forked_after_the_parent_drew_keep_the_sample_streams(tiny_recordio: Callable) -> None:
     """The parent loads batches first (its transform then holds the per-sample generators), then forks
     workers: they must keep drawing from the sample streams, not re-seed the transform as a fresh
     process would."""
-    write_palette_rec(tmp_path, classes=4, per_class=8, size=SIZE)
-    data = FaceDataModule(str(tmp_path), batch_size=8, num_workers=0, image_size=SIZE,
+    rec = tiny_recordio(classes=4, per_class=8, size=SIZE)
+    data = FaceDataModule(str(rec), batch_size=8, num_workers=0, image_size=SIZE,
                           augmentation="low_quality")
     reference = [batch.images.clone() for batch in data.train_dataloader()]
     data.num_workers = 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -36,13 +37,9 @@ def test_inspect_folder_counts_histogram_and_corrupt(tmp_path: Path) -> None:
     assert sampled["decoded"] == 3 and "random sample of 3" in format_inspect_report(sampled)
 
 
-def test_inspect_recordio_with_workers(tmp_path: Path) -> None:
-    with RecordIOWriter(tmp_path / "rec") as writer:
-        for label in range(3):
-            for _ in range(2):
-                writer.add(np.full((16, 16, 3), 40 * label, np.uint8), label)
-        writer.add(b"not an image", 3)
-    report = inspect_dataset(tmp_path / "rec", num_workers=2, progress=False)
+def test_inspect_recordio_with_workers(tiny_recordio: Callable) -> None:
+    rec = tiny_recordio(classes=4, per_class=[2, 2, 2, 1], size=16, corrupt=[6])  # class 3: its one image
+    report = inspect_dataset(rec, num_workers=2, progress=False)
     assert report["format"] == "recordio" and report["num_images"] == 7 and report["num_classes"] == 4
     assert report["property_num_classes"] == 4 and report["corrupt"] == 1
     assert "record 7 of" in report["corrupt_examples"][0]
@@ -66,6 +63,7 @@ def test_convert_folder_to_rec_to_folder_round_trip(tmp_path: Path) -> None:
 
 
 def test_convert_rec_without_names_uses_padded_numbers(tmp_path: Path) -> None:
+    # written inline: raw labels 2 and 10 (not 0..n-1) are the point, their padded folder names
     with RecordIOWriter(tmp_path / "rec") as writer:
         for label in (2, 10):
             writer.add(np.full((8, 8, 3), label, np.uint8), label)
@@ -83,13 +81,12 @@ UNSAFE_NAMES = ["../evil", "/abs/path", "a/b", "a_b", "..", ".", "", ".hidden", 
                 "Bob", "bob"]
 
 
-def test_convert_to_folder_never_writes_outside_dst_nor_merges(tmp_path: Path) -> None:
+def test_convert_to_folder_never_writes_outside_dst_nor_merges(tmp_path: Path,
+                                                                tiny_recordio: Callable) -> None:
     import json
 
-    with RecordIOWriter(tmp_path / "rec") as writer:
-        for label in range(len(UNSAFE_NAMES)):
-            for n in range(label % 2 + 1):
-                writer.add(np.full((8, 8, 3), 10 * label + n, np.uint8), label)
+    counts = [label % 2 + 1 for label in range(len(UNSAFE_NAMES))]
+    tiny_recordio(tmp_path / "rec", classes=len(UNSAFE_NAMES), per_class=counts, size=8)
     names = {name: i for i, name in enumerate(UNSAFE_NAMES)}
     (tmp_path / "rec" / "label_map.json").write_text(json.dumps(names))
     before = sorted(p for p in tmp_path.rglob("*"))
@@ -124,16 +121,13 @@ def test_convert_refuses_a_non_empty_destination_and_a_set_without_images(tmp_pa
         convert_dataset(tmp_path / "src", tmp_path / "new", to="folder", progress=False)
 
 
-def test_inspect_counts_records_dropped_at_open(tmp_path: Path) -> None:
-    with RecordIOWriter(tmp_path / "rec") as writer:
-        for label in range(3):
-            for _ in range(2):
-                writer.add(np.full((16, 16, 3), 40 * label, np.uint8), label)
-    lines = (tmp_path / "rec" / "train.idx").read_text().splitlines()
+def test_inspect_counts_records_dropped_at_open(tiny_recordio: Callable) -> None:
+    root = tiny_recordio(classes=3, per_class=2, size=16)
+    lines = (root / "train.idx").read_text().splitlines()
     cut = int(lines[5].split()[1])  # records 5.. gone: two images and the identity records
-    rec = tmp_path / "rec" / "train.rec"
+    rec = root / "train.rec"
     rec.write_bytes(rec.read_bytes()[:cut])
-    report = inspect_dataset(tmp_path / "rec", progress=False)
+    report = inspect_dataset(root, progress=False)
     assert report["num_images"] == 4 and report["dropped_at_open"] == 2 and report["corrupt"] == 2
     text = format_inspect_report(report)
     assert "corrupt:      2 of 6 records: 2 dropped at open" in text and "past the end" in text

@@ -10,17 +10,14 @@
 from __future__ import annotations
 
 import datetime
-import os
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.multiprocessing as mp
-from ddp_utils import free_port, run_in_ddp
 from test_module_ddp import TinyNet  # the same DIM-6 network, no batch norm
 from torch import nn
 from torch.utils.data import DataLoader
@@ -94,29 +91,16 @@ def _momentum(trainer: pl.Trainer, module: EmbeddingModule) -> torch.Tensor:
     return trainer.optimizers[0].state[module.head.weight]["momentum_buffer"]
 
 
-def _corrupt_worker(rank: int, port: int, out: str) -> None:
+def _corrupt_worker(rank: int, world: int) -> Dict[str, Any]:
     from pytorch_lightning.strategies import DDPStrategy
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE="2", RANK=str(rank))
     strategy = DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60))
-    result = _fit_corrupt(2, strategy)
-    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    _close_process_group()
-
-
-def _close_process_group() -> None:
-    """Both ranks done, then the group closed: a process exiting with a live gloo group can abort."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    return _fit_corrupt(world, strategy)
 
 
 @pytest.mark.distributed
-def test_all_corrupt_batch_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) -> None:
-    mp.spawn(_corrupt_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def test_all_corrupt_batch_on_one_rank_is_skipped_on_every_rank(ddp_run: Callable) -> None:
+    ranks = ddp_run(2, _corrupt_worker, lightning=True)
     single = _fit_corrupt(1)  # one process, whole global batch: step 1 is empty, so skipped
     for result in ranks:
         assert result["global_step"] == STEPS and result["scheduler_steps"] == STEPS
@@ -192,8 +176,8 @@ def _fp16_cases(rank: int, world: int) -> Dict[str, Any]:
 
 
 @pytest.mark.distributed
-def test_fp16_nonfinite_center_grad_on_one_rank_skips_every_rank() -> None:
-    ranks = run_in_ddp(2, _fp16_cases)
+def test_fp16_nonfinite_center_grad_on_one_rank_skips_every_rank(ddp_run: Callable) -> None:
+    ranks = ddp_run(2, _fp16_cases)
     assert [r["clean"] for r in ranks] == [{"moved": True, "scale": 1024.0}] * 2
     assert [r["synced"] for r in ranks] == [{"moved": False, "scale": 512.0}] * 2
     # what the sync prevents: rank 0 steps and keeps its scale while rank 1 skips
@@ -274,13 +258,14 @@ def _gather_blocks(rank: int, world: int) -> None:
 
 
 @pytest.mark.distributed
-def test_checkpoint_gathers_on_rank0_only_and_resumes_on_other_world_sizes(tmp_path: Path) -> None:
+def test_checkpoint_gathers_on_rank0_only_and_resumes_on_other_world_sizes(tmp_path: Path,
+                                                                          ddp_run: Callable) -> None:
     path = str(tmp_path / "ckpt.pt")
-    saved = run_in_ddp(2, _save, path)
+    saved = ddp_run(2, _save, path)
     assert sum(r["rows"] for r in saved) == NUM_CLASSES * 2
     written = torch.load(path, weights_only=False)["checkpoint"]
     assert written["state_dict"]["head.weight"].shape == (NUM_CLASSES * 2, 4)
-    loaded3 = run_in_ddp(3, _load, path)
+    loaded3 = ddp_run(3, _load, path)
     assert [r["rows"] for r in loaded3] == [6, 4, 4]  # 7 classes: 3 + 2 + 2, two sub-centers each
     assert _load(0, 1, path) == {"rows": NUM_CLASSES * 2}  # no torch.distributed at all
 

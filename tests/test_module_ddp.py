@@ -1,13 +1,10 @@
 """Lightning DDP (gloo, CPU, 2 processes launched like torchrun) gives the exact gradient of the global
 loss: one SGD step equals one single-process step on the combined batch, for the backbone (DDP sums,
 not averages) and for the sharded class centers (ignored by DDP, gathered in the checkpoint)."""
-import os
-import socket
 from functools import partial
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -63,26 +60,17 @@ def trainer(devices, strategy="auto"):
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def _worker(rank, port, initial_state, out_path):
+def _worker(rank, world, initial_state, out_path):
     from pytorch_lightning.strategies import DDPStrategy
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE=str(WORLD), RANK=str(rank))
     module = make_module(initial_state)
-    ddp_trainer = trainer(WORLD, DDPStrategy(process_group_backend="gloo"))
+    ddp_trainer = trainer(world, DDPStrategy(process_group_backend="gloo"))
     ddp_trainer.fit(module)
     ddp_trainer.save_checkpoint(out_path)  # collective: gathers the center shards and their momentum
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
-def test_ddp_step_equals_single_process_step(tmp_path):
+def test_ddp_step_equals_single_process_step(tmp_path, ddp_run):
     reference = make_module()
     reference.configure_model()
     initial = {k: v.detach().clone() for k, v in reference.state_dict().items()}
@@ -93,7 +81,7 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     expected = expected_ckpt["state_dict"]
 
     out = tmp_path / "ddp.ckpt"
-    mp.spawn(_worker, args=(free_port(), initial, out), nprocs=WORLD, join=True)
+    ddp_run(WORLD, _worker, initial, out, lightning=True)
     got_ckpt = torch.load(out, weights_only=False)
     got = got_ckpt["state_dict"]
     assert set(got) == set(expected)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pickle
 import struct
 from pathlib import Path
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import cv2
 import numpy as np
@@ -37,6 +37,8 @@ def jpeg(seed: int, size: int = 32) -> bytes:
 
 
 def write_set(root: Path, labels: List[int], header: bool = True) -> List[bytes]:
+    """The JPEG bytes written, for the tests that compare them or need labels in any order or no header
+    record (the ``tiny_recordio`` fixture otherwise)."""
     images = [jpeg(i) for i in range(len(labels))]
     with RecordIOWriter(root, insightface_header=header) as writer:
         for image, label in zip(images, labels, strict=True):
@@ -96,7 +98,7 @@ def test_writer_layout_header_record_and_identity_records(tmp_path: Path) -> Non
         np.testing.assert_array_equal(decoded, expected)
 
 
-def test_writer_rejects_labels_not_grouped(tmp_path: Path) -> None:
+def test_writer_rejects_labels_not_grouped(tmp_path: Path) -> None:  # inline: the writer's own check
     with pytest.raises(ValueError, match="grouped by label"):
         with RecordIOWriter(tmp_path) as writer:
             for label in (1, 2, 1):
@@ -116,6 +118,7 @@ def test_labels_from_headers_without_header_record_and_without_idx(tmp_path: Pat
 
 
 def test_float_array_labels_use_first_value(tmp_path: Path) -> None:
+    # written inline: float-array labels are the point (not a tiny_recordio)
     with RecordIOWriter(tmp_path) as writer:
         writer.add(jpeg(0), [4.0, 0.5])
         writer.add(jpeg(1), [4.0, 0.7])
@@ -128,6 +131,7 @@ def test_float_array_labels_use_first_value(tmp_path: Path) -> None:
 
 
 def test_multipart_record_round_trip(tmp_path: Path) -> None:
+    # written inline: a payload split into parts by the magic number is the point (not a tiny_recordio)
     magic = struct.pack("<I", MAGIC)
     base = jpeg(0)
     # trailing bytes after the JPEG end marker, with the magic number at 4-byte-aligned offsets of the record
@@ -144,11 +148,8 @@ def test_multipart_record_round_trip(tmp_path: Path) -> None:
     assert dataset.read_bytes(1) == jpeg(1)
 
 
-def test_corrupt_record_is_skipped_counted_or_raised(tmp_path: Path) -> None:
-    with RecordIOWriter(tmp_path) as writer:
-        writer.add(jpeg(0), 0)
-        writer.add(b"\xff\xd8\xff\xe0 this is not a jpeg", 0)
-        writer.add(jpeg(2), 1)
+def test_corrupt_record_is_skipped_counted_or_raised(tmp_path: Path, tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path, classes=2, per_class=[2, 1], size=32, corrupt=[1])
     dataset = RecordIODataset(tmp_path, transform=build_transform("eval", image_size=32))
     assert dataset[1] is None
     images, labels, num_corrupt = collate_skip_corrupt([dataset[i] for i in range(3)])
@@ -158,8 +159,8 @@ def test_corrupt_record_is_skipped_counted_or_raised(tmp_path: Path) -> None:
         strict[1]
 
 
-def test_bad_magic_and_truncated_file(tmp_path: Path) -> None:
-    write_set(tmp_path, [0, 0, 1])
+def test_bad_magic_and_truncated_file(tmp_path: Path, tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path, classes=2, per_class=[2, 1], size=32)
     rec = tmp_path / "train.rec"
     lines = (tmp_path / "train.idx").read_text().splitlines()
     offsets = {int(k): int(v) for k, v in (line.split() for line in lines)}
@@ -186,9 +187,8 @@ def _batches(dataset: RecordIODataset, num_workers: int) -> List[Tuple[torch.Ten
     return list(loader)
 
 
-def test_dataloader_workers_match_single_process(tmp_path: Path) -> None:
-    labels = [i // 3 for i in range(22)]
-    write_set(tmp_path, labels)
+def test_dataloader_workers_match_single_process(tmp_path: Path, tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path, classes=8, per_class=[3] * 7 + [1], size=32)  # labels i // 3 of 22 images
     dataset = RecordIODataset(tmp_path, transform=build_transform("eval", image_size=32))
     dataset[0]  # open a handle in the parent: workers must not share its state
     pickle.loads(pickle.dumps(dataset))[1]
@@ -200,6 +200,7 @@ def test_dataloader_workers_match_single_process(tmp_path: Path) -> None:
 
 
 def test_identity_records_inconsistent_with_headers_fall_back_to_headers(tmp_path: Path) -> None:
+    # written record by record: identity records that contradict the headers are the point
     writer = _IndexedWriter(tmp_path / "train.rec", tmp_path / "train.idx")
     writer.write(0, pack(IRHeader(2, [4.0, 5.0], 0, 0), b""))
     for key, label in ((1, 7.0), (2, 7.0), (3, 8.0)):
@@ -235,8 +236,9 @@ def test_index_parser_chunks_blank_lines_crlf_and_bad_lines(tmp_path: Path) -> N
             _read_index(idx, chunk_bytes=4)
 
 
-def test_reader_holds_no_keys_for_an_ordered_index_and_int32_spans(tmp_path: Path) -> None:
-    write_set(tmp_path, [0, 0, 1])
+def test_reader_holds_no_keys_for_an_ordered_index_and_int32_spans(tmp_path: Path,
+                                                                   tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path, classes=2, per_class=[2, 1], size=32)
     reader = RecordIOReader(tmp_path / "train.rec")
     assert reader._keys is None and reader.keys.tolist() == list(range(6)) and len(reader) == 6
     assert reader.spans.dtype == np.int32
@@ -253,8 +255,8 @@ def test_reader_holds_no_keys_for_an_ordered_index_and_int32_spans(tmp_path: Pat
     assert known.tolist() == [False, True, False] and pos[1] == 2
 
 
-def test_corrupt_length_word_never_reads_past_the_span(tmp_path: Path) -> None:
-    write_set(tmp_path, [0, 0, 1, 1])
+def test_corrupt_length_word_never_reads_past_the_span(tmp_path: Path, tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path, classes=2, per_class=2, size=32)
     rec = tmp_path / "train.rec"
     offsets = {int(k): int(v) for k, v in (line.split() for line in _idx_lines(tmp_path))}
     raw = bytearray(rec.read_bytes())
@@ -279,8 +281,9 @@ def test_corrupt_length_word_never_reads_past_the_span(tmp_path: Path) -> None:
     assert max(sizes) < 100_000
 
 
-def test_keys_missing_from_the_idx_are_dropped_counted_or_refused(tmp_path: Path) -> None:
-    write_set(tmp_path, [0, 0, 0, 1, 1, 1])
+def test_keys_missing_from_the_idx_are_dropped_counted_or_refused(tmp_path: Path,
+                                                                  tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path, classes=2, per_class=3, size=32)
     lines = _idx_lines(tmp_path)
     kept = [line for line in lines if not line.startswith("3\t")]
     (tmp_path / "train.idx").write_text("\n".join(kept) + "\n")
@@ -298,8 +301,8 @@ def test_keys_missing_from_the_idx_are_dropped_counted_or_refused(tmp_path: Path
         RecordIODataset(tmp_path, strict=True)
 
 
-def test_rec_truncated_at_a_record_boundary(tmp_path: Path) -> None:
-    write_set(tmp_path, [0, 0, 1, 1, 2, 2])
+def test_rec_truncated_at_a_record_boundary(tmp_path: Path, tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path, classes=3, per_class=2, size=32)
     offsets = {int(k): int(v) for k, v in (line.split() for line in _idx_lines(tmp_path))}
     rec = tmp_path / "train.rec"
     rec.write_bytes(rec.read_bytes()[:offsets[4]])  # records 4.. (images 4-6, identities) are gone
@@ -310,12 +313,12 @@ def test_rec_truncated_at_a_record_boundary(tmp_path: Path) -> None:
         RecordIODataset(tmp_path, strict=True)
 
 
-def test_empty_rec_or_idx_is_one_clear_error(tmp_path: Path) -> None:
-    write_set(tmp_path, [0, 1])
+def test_empty_rec_or_idx_is_one_clear_error(tmp_path: Path, tiny_recordio: Callable) -> None:
+    tiny_recordio(tmp_path, classes=2, per_class=1, size=32)
     (tmp_path / "train.idx").write_bytes(b"")
     with pytest.raises(ValueError, match=r"train\.rec: no readable image records .*0 entries in .*\.idx"):
         RecordIODataset(tmp_path)
-    write_set(tmp_path, [0, 1])
+    tiny_recordio(tmp_path, classes=2, per_class=1, size=32)
     (tmp_path / "train.rec").write_bytes(b"")
     with pytest.raises(ValueError, match=r"train\.rec: no readable image records \(0 bytes"):
         RecordIODataset(tmp_path)
@@ -335,7 +338,7 @@ def test_counts_above_2_24_are_exact(tmp_path: Path) -> None:
     n_images, first_identity = big + 6, big + 7
     classes = {k: 5.0 for k in (1, 2, 3, *range(big - 2, big + 3))}
     classes.update({k: 9.0 for k in range(big + 3, big + 7)})
-    writer = _IndexedWriter(tmp_path / "train.rec", tmp_path / "train.idx")
+    writer = _IndexedWriter(tmp_path / "train.rec", tmp_path / "train.idx")  # record by record: keys > 2^24
     writer.write(0, pack(IRHeader(2, [first_identity, first_identity + 2], 0, 0), b""))
     for key, cls in sorted(classes.items()):
         writer.write(key, pack(IRHeader(0, cls, key, 0), jpeg(key % 7)))
@@ -351,8 +354,9 @@ def test_counts_above_2_24_are_exact(tmp_path: Path) -> None:
     assert dataset.num_dropped_at_open == n_images - len(classes)
 
 
-def test_corrupt_first_image_of_an_identity_keeps_the_identity_records(tmp_path: Path, caplog) -> None:
-    write_set(tmp_path, [0, 0, 0, 1, 2, 2])
+def test_corrupt_first_image_of_an_identity_keeps_the_identity_records(
+        tmp_path: Path, tiny_recordio: Callable, caplog: pytest.LogCaptureFixture) -> None:
+    tiny_recordio(tmp_path, classes=3, per_class=[3, 1, 2], size=32)
     offsets = {int(k): int(v) for k, v in (line.split() for line in _idx_lines(tmp_path))}
     rec = tmp_path / "train.rec"
     raw = bytearray(rec.read_bytes())
@@ -370,10 +374,11 @@ def test_corrupt_first_image_of_an_identity_keeps_the_identity_records(tmp_path:
     assert len(scanned) == 4 and scanned.num_dropped_at_open == 2 and scanned.labels.tolist() == [0, 0, 1, 1]
 
 
-def test_index_cache_is_used_refreshed_when_stale_and_optional(tmp_path: Path, monkeypatch) -> None:
+def test_index_cache_is_used_refreshed_when_stale_and_optional(tmp_path: Path,
+                                                               tiny_recordio: Callable, monkeypatch) -> None:
     import mlearn.data.images.recordio_index as recordio
 
-    write_set(tmp_path, [0, 0, 1])
+    tiny_recordio(tmp_path, classes=2, per_class=[2, 1], size=32)
     idx = tmp_path / "train.idx"
     cache = tmp_path / "train.idx.npy"
     expected = RecordIOReader(tmp_path / "train.rec")

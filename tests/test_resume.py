@@ -4,13 +4,12 @@ seeded epoch-permutation sampler that makes it possible."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from data_utils import write_palette_rec
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from mlearn.data.audio.datamodule import SpeakerDataModule
@@ -26,14 +25,9 @@ from mlearn.schedules import LRSchedule
 CLASSES, PER_CLASS, SIZE, BATCH = 4, 8, 32, 8  # 32 images: 4 batches per epoch
 
 
-def write_rec(root: Path, classes: int = CLASSES, per_class: int = PER_CLASS, size: int = SIZE) -> Path:
-    """A tiny insightface RecordIO set of smooth random colour images (identity = colour palette)."""
-    return write_palette_rec(root, classes, per_class, size)
-
-
 @pytest.fixture(scope="module")
-def rec(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rec(tmp_path_factory.mktemp("rec"))
+def rec(tiny_recordio: Callable) -> Path:
+    return tiny_recordio(classes=CLASSES, per_class=PER_CLASS, size=SIZE)
 
 
 class Kill(pl.Callback):

@@ -4,16 +4,12 @@ process with the whole global batch; and a checkpoint written by the 2-process r
 as if the run had never changed its rank count."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.multiprocessing as mp
-from data_utils import write_palette_rec
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -33,10 +29,6 @@ class FlatNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
-
-
-def write_rec(root: Path) -> Path:
-    return write_palette_rec(root, CLASSES, PER_CLASS, SIZE, seed=1, grid=2, noise=30.0)
 
 
 def make_module():
@@ -70,19 +62,10 @@ def fit(rec: Path, out: Path, batch_size: int, devices: int = 1, strategy: objec
     return trainer
 
 
-def _worker(rank: int, port: int, rec: Path, out: Path) -> None:
+def _worker(rank: int, world: int, rec: Path, out: Path) -> None:
     from pytorch_lightning.strategies import DDPStrategy
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE=str(WORLD), RANK=str(rank))
-    fit(rec, out, PER_RANK, devices=WORLD, strategy=DDPStrategy(process_group_backend="gloo"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    fit(rec, out, PER_RANK, devices=world, strategy=DDPStrategy(process_group_backend="gloo"))
 
 
 def load(path: Path) -> Dict:
@@ -103,9 +86,10 @@ def assert_same_training_state(got: Dict, expected: Dict) -> None:
 
 
 @pytest.mark.distributed
-def test_ddp_training_run_equals_one_process_and_resumes_on_one(tmp_path: Path) -> None:
-    rec = write_rec(tmp_path / "rec")
-    mp.spawn(_worker, args=(free_port(), rec, tmp_path / "ddp"), nprocs=WORLD, join=True)
+def test_ddp_training_run_equals_one_process_and_resumes_on_one(tmp_path: Path, ddp_run: Callable,
+                                                                tiny_recordio: Callable) -> None:
+    rec = tiny_recordio(tmp_path / "rec", CLASSES, PER_CLASS, SIZE, seed=1, grid=2, noise=30.0)
+    ddp_run(WORLD, _worker, rec, tmp_path / "ddp", lightning=True)
     ddp = load(tmp_path / "ddp" / "final.ckpt")
     assert ddp["state_dict"]["head.weight"].shape == (CLASSES, FlatNet.embedding_size)  # gathered shards
     assert ddp["FaceDataModule"]["global_batch"] == WORLD * PER_RANK

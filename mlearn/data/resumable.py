@@ -1,6 +1,7 @@
 """``ResumableDataModule``: training data in the seeded, resumable order of :mod:`mlearn.data.order`."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import pytorch_lightning as pl
@@ -20,14 +21,23 @@ class ResumableDataModule(pl.LightningDataModule):
     ``(seed, e, i)``: the stream of batches does not depend on the number of DataLoader workers, and
     the position in it is saved in every checkpoint (:meth:`state_dict`, which Lightning stores), so
     ``--ckpt_path last`` resumes mid-epoch exactly where the run stopped. Subclasses build
-    ``train_dataloader`` with :meth:`seeded_dataloader`.
+    ``train_dataloader`` with :meth:`seeded_dataloader`, and set ``root`` and ``synthetic`` (their
+    arguments), from which :attr:`train_path` follows.
     """
+
+    root: str
+    synthetic: Optional[Dict[str, Any]]
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.seed = seed
         self._sampler: Optional[EpochPermutationSampler] = None
         self._resume: Optional[Dict[str, int]] = None
+
+    @property
+    def train_path(self) -> Path:
+        """The training set: ``root``, or ``root/train`` when ``root`` is a synthetic corpus."""
+        return Path(self.root) / "train" if self.synthetic is not None else Path(self.root)
 
     def _ranks(self) -> Tuple[int, int]:
         trainer = self.trainer

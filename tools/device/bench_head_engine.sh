@@ -14,14 +14,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
-step() {  # step NAME SECONDS COMMAND...: run COMMAND with a limit, its output in $OUT/NAME.txt
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name ($(date +%T), limit ${limit}s)"
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-    echo "== $name exit $? ($(date +%T))"
-    tail -n 20 "$OUT/$name.txt"
-}
+# shellcheck source=tools/device/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # step NAME SECONDS COMMAND...
 
 if ! "$PY" -c "import numpy" 2>/dev/null && ls .device_wheels/*.whl >/dev/null 2>&1; then
     step install 60 "$PY" -m pip install --no-index --no-deps --quiet .device_wheels/*.whl  # numpy

@@ -9,14 +9,8 @@ OUT="${OUT:-device_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
-step() {  # step NAME SECONDS COMMAND...: run COMMAND with a limit, its output in $OUT/NAME.txt
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name ($(date +%T), limit ${limit}s)"
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-    echo "== $name exit $? ($(date +%T))"
-    tail -n 20 "$OUT/$name.txt"
-}
+# shellcheck source=tools/device/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # step NAME SECONDS COMMAND...
 
 step install 60 python3 -m pip install --no-index --no-deps --quiet .device_wheels/*.whl
 step env 30 python3 -c "import torch, mlearn; print(torch.__version__, torch.cuda.get_device_name(), \

@@ -101,10 +101,6 @@ class SpeakerDataModule(ResumableDataModule):
         self._dataset: Optional[SpeakerAudioDataset] = None
 
     @property
-    def train_path(self) -> Path:
-        return Path(self.root) / "train" if self.synthetic is not None else Path(self.root)
-
-    @property
     def dataset(self) -> SpeakerAudioDataset:
         if self._dataset is None:
             if self.synthetic is not None:

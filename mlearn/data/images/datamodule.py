@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
@@ -81,10 +80,6 @@ class FaceDataModule(ResumableDataModule):
         self.uint8_batches = uint8_batches
         self.pin_memory = pin_memory
         self._dataset: Any = None
-
-    @property
-    def train_path(self) -> Path:
-        return Path(self.root) / "train" if self.synthetic is not None else Path(self.root)
 
     @property
     def dataset(self) -> Any:
