@@ -16,6 +16,10 @@ Memory columns:
              the chunked engine). It includes the weight gradient.
   x_grad     peak_MB over the size of the float32 weight gradient (4·C·K·D bytes).
 
+Criteria (``--criteria``, at the ``--criteria-at`` class counts): each :mod:`mlearn.heads.criteria`
+loss on the same head (ArcFace logits, or the criterion's own margin), full FC and the first engine;
+the closing table prints its x_gemm3 over the ArcFace softmax CE row's of the same run (target <= 1.2).
+
 ``--dtype bf16``/``fp16``: the head runs under autocast (float32 master weight and gradient); gemm3 runs
 on bf16/fp16 operands.
 
@@ -23,6 +27,7 @@ Examples:
   python tools/bench_heads.py --classes 200000 1000000 --sample-rates 1.0 0.1 --repeats 2
   python tools/bench_heads.py --device cuda --dtype bf16 --classes 10000000 --sample-rates 1.0 \\
       --all-margins-at --repeats 3     # one H200: 1e7 classes x 512
+  python tools/bench_heads.py --classes 100000 --sample-rates 1.0 --all-margins-at --criteria-at 100000
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ def _measure_gemm3(cfg: Dict) -> Dict:
 
 
 def _measure_head(cfg: Dict) -> Dict:
-    from mlearn.heads import PartialFC, build_margin
+    from mlearn.heads import PartialFC, build_criterion, build_margin
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
@@ -140,9 +145,12 @@ def _measure_head(cfg: Dict) -> Dict:
             rows = self.num_local * self.num_subcenters
             return torch.randn(rows, self.embedding_size, device=device).mul_(self.init_std)
 
+    criterion = build_criterion(cfg["criterion"]) if cfg.get("criterion") else None
+    margin = None if criterion is not None and criterion.own_margin else build_margin(cfg["margin"])
     head = Head(
-        build_margin(cfg["margin"]), cfg["dim"], cfg["classes"], sample_rate=cfg["rate"],
+        margin, cfg["dim"], cfg["classes"], sample_rate=cfg["rate"],
         engine=cfg["engine"], chunk_size=cfg["chunk_size"], chunk_memory_mb=cfg["chunk_memory_mb"],
+        criterion=criterion,
     ).to(device)
     emb = torch.randn(cfg["batch"], cfg["dim"], device=device, requires_grad=True)
     labels = torch.randint(0, cfg["classes"], (cfg["batch"],), device=device)
@@ -190,7 +198,7 @@ def _row(label: str, cfg: Dict, res: Dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from mlearn.heads import list_margins
+    from mlearn.heads import list_criteria, list_margins
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, nargs="+", default=[10_000, 200_000, 1_000_000])
@@ -198,6 +206,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--margins", nargs="+", default=["arcface"], help="margins at every size")
     p.add_argument("--all-margins-at", type=int, nargs="*", default=[10_000],
                    help="class counts at which every registered margin is measured")
+    p.add_argument("--criteria", nargs="*", default=None, help="criteria measured (default: all registered)")
+    p.add_argument("--criteria-at", type=int, nargs="*", default=[10_000],
+                   help="class counts at which every criterion is measured next to the ArcFace softmax CE")
     p.add_argument("--engines", nargs="+", default=["chunked"], choices=["chunked", "dense"])
     p.add_argument("--chunk-size", type=int, default=None, help="classes per block (chunked engine)")
     p.add_argument("--chunk-memory-mb", type=float, default=None, help="block budget (chunked engine)")
@@ -232,11 +243,32 @@ def main(argv: Optional[List[str]] = None) -> None:
                     res = _in_subprocess(cfg)
                     rows.append((cfg, res))
                     print(_row(margin, cfg, res), flush=True)
+        if classes in args.criteria_at:
+            for criterion in list_criteria() if args.criteria is None else args.criteria:
+                cfg = dict(common, kind="head", margin="arcface", criterion=criterion, classes=classes,
+                           rate=1.0, engine=args.engines[0], chunk_size=args.chunk_size,
+                           chunk_memory_mb=args.chunk_memory_mb)
+                res = _in_subprocess(cfg)
+                rows.append((cfg, res))
+                print(_row(f"crit:{criterion}", cfg, res), flush=True)
 
     full = {
-        (c["classes"], c["margin"], c["engine"]): r for c, r in rows if c["rate"] == 1.0 and "error" not in r
+        (c["classes"], c["margin"], c["engine"]): r for c, r in rows
+        if c["rate"] == 1.0 and "error" not in r and not c.get("criterion")
     }
     partial = [(c, r) for c, r in rows if c["rate"] < 1.0 and "error" not in r]
+    criteria = [(c, r) for c, r in rows if c.get("criterion") and "error" not in r]
+    if criteria:
+        print("\nratios criterion / ArcFace softmax CE on the same head (target <= 1.2)")
+        print(f"{'classes':>9} {'criterion':<16} {'engine':<8} {'time':>6} {'peak':>6}")
+        for cfg, res in criteria:
+            ref = full.get((cfg["classes"], "arcface", cfg["engine"]))
+            if ref is None:
+                continue
+            # each step over its own in-process gemm3 reference: load changes of a shared machine cancel
+            time_ratio = res["x_gemm3"] / ref["x_gemm3"]
+            print(f"{cfg['classes']:>9} {cfg['criterion']:<16} {cfg['engine']:<8} "
+                  f"{time_ratio:>6.3f} {res['peak_mb'] / max(ref['peak_mb'], 1e-9):>6.3f}")
     if partial:
         print("\nratios Partial FC / full FC (same run)")
         print(f"{'classes':>9} {'margin':<16} {'rate':>5} {'engine':<8} {'time':>6} {'peak':>6}")

@@ -35,8 +35,12 @@ are not quantised; the normaliser and the margin are float32. The gradient GEMMs
 the autocast dtype; under float16 they are computed before any loss scaler multiplies them, so entries
 below float16's range (~6e-8) flush to zero: prefer bfloat16.
 
-The loss is pluggable for the criteria issue: :class:`SoftmaxCE` holds the per-row statistic, its
-reduction over ranks and dL/dlogits; another criterion supplies the same four methods.
+The loss is pluggable: a :class:`StreamedCriterion` (one per step) holds the per-row statistic, its
+reduction over ranks, dL/dlogits and dL/d(target logit); :class:`SoftmaxCE` is the default. The
+criteria of :mod:`mlearn.heads.criteria` stream the same way (SphereFace2 and UniFace on the cosines,
+through an identity margin with s = 1; the others on the margin's logits); a criterion with a learned
+scalar ``bias`` reports its gradient after ``finish`` (already all-reduced) and UNPG adds the gradient
+of its batch-pair terms to dL/dx̂ once (:meth:`StreamedCriterion.extra_grad_x`).
 """
 
 from __future__ import annotations
@@ -84,9 +88,47 @@ def check_chunk_options(chunk_size: Optional[int], chunk_memory_mb: Optional[flo
                          "(or None: the device default)")
 
 
-class SoftmaxCE:
+class StreamedCriterion:
+    """One step of a criterion as the engine streams it over class blocks.
+
+    ``init_stat`` / ``accumulate`` build a per-row statistic from the non-target logits of every block
+    (−inf marks entries to skip: the target, which enters once through ``finish``); ``finish``
+    reduces it over ranks and returns (scalar loss, per-row state [B] or [B, k]); ``grad_logits`` and
+    ``grad_target`` give dL/dlogits from that state. ``linear`` (a plain sum of exp instead of a
+    running log-sum-exp) is only offered to criteria with ``linear_ok``.
+    """
+
+    #: the statistic may be a plain sum of exp(logits) when the logits are bounded (softmax only)
+    linear_ok: bool = False
+    #: dL/dbias of the global loss after ``finish`` (identical on every rank), or None without a bias
+    bias_grad: Optional[torch.Tensor] = None
+
+    def init_stat(self, rows: int, like: torch.Tensor, linear: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accumulate(self, stat: torch.Tensor, logits: torch.Tensor, linear: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(
+        self, stat: torch.Tensor, target: torch.Tensor, owner: torch.Tensor, group: Any
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def grad_logits(self, logits: torch.Tensor, state: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grad_target(self, target: torch.Tensor, state: torch.Tensor, batch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_grad_x(self, x_hat: torch.Tensor, state: torch.Tensor, grad_x: torch.Tensor) -> None:
+        """Add dL/dx̂ [B, D] of terms that are not class logits (UNPG's pairs); default: none."""
+
+
+class SoftmaxCE(StreamedCriterion):
     """Softmax cross-entropy as a streamed criterion: per-row log-sum-exp over the non-target logits
     of every block, plus the target logit; mean over the global batch."""
+
+    linear_ok = True
 
     def init_stat(self, rows: int, like: torch.Tensor, linear: bool = False) -> torch.Tensor:
         return like.new_full((rows,), 0.0 if linear else float("-inf"))
@@ -110,11 +152,15 @@ class SoftmaxCE:
         local = torch.where(owner, torch.logaddexp(stat, target), stat)
         row_max = D.all_reduce_max(local, group)
         safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        lse = safe_max + torch.log(D.all_reduce_sum(torch.exp(local - safe_max), group))
+        lse = self.add_extra_terms(safe_max + torch.log(D.all_reduce_sum(torch.exp(local - safe_max), group)))
         target_all = D.all_reduce_sum(torch.where(owner, target, torch.zeros_like(target)), group)
         rows = lse.shape[0]
         loss = (lse - target_all).mean() if rows > 0 else lse.new_zeros(())
         return loss, lse
+
+    def add_extra_terms(self, lse: torch.Tensor) -> torch.Tensor:
+        """The global log-sum-exp [B] with terms beyond the class logits (UNPG); default: as is."""
+        return lse
 
     def grad_logits(self, logits: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """dL/dlogits ⊙ ``scale`` (per column [c]) of the non-target entries of a block, a new tensor
@@ -146,7 +192,7 @@ class Step:
     group: Any
     compute_dtype: torch.dtype  # GEMM operands (the autocast dtype or the weight's)
     stat_dtype: torch.dtype  # cosines, margin, normaliser
-    criterion: SoftmaxCE
+    criterion: StreamedCriterion
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -290,7 +336,7 @@ class _Engine:
         # every fast-path logit lies in [−s, s]: sum exp(logit) directly when that cannot overflow
         # or underflow (s = 64 in float32), saving the running max of a log-sum-exp
         limit = 85.0 if step.stat_dtype == torch.float32 else 700.0
-        linear = self.fast and s + math.log(max(self.num_kept, 1)) + 1.0 < limit
+        linear = self.fast and step.criterion.linear_ok and s + math.log(max(self.num_kept, 1)) + 1.0 < limit
         stat = step.criterion.init_stat(self.batch, self.x_hat, linear)
         for lo in range(0, self.num_kept, step.chunk):
             hi = min(lo + step.chunk, self.num_kept)
@@ -366,6 +412,8 @@ class _Engine:
                 elif block.data_ptr() != grad_w[lo * k :].data_ptr():
                     grad_w[lo * k : hi * k] = block
         self._target_gradients(lse, grad_x, grad_w_k, need_x, need_w)
+        if need_x:
+            step.criterion.extra_grad_x(self.x_hat, lse, grad_x)
         return (grad_x if need_x else None), (grad_w if need_w else None)
 
     def _target_gradients(self, lse: torch.Tensor, grad_x: torch.Tensor, grad_w_k: torch.Tensor,
@@ -383,9 +431,11 @@ class _Engine:
 
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_hat: torch.Tensor, weight: torch.Tensor, engine: _Engine,
-                need_x: bool, need_w: bool) -> torch.Tensor:
+    def forward(ctx: Any, x_hat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                engine: _Engine, need_x: bool, need_w: bool) -> torch.Tensor:
         loss, lse = engine.statistics()
+        bias_grad = engine.step.criterion.bias_grad
+        ctx.bias_grad = None if bias is None or bias_grad is None else bias_grad.to(bias.dtype)
         ctx.engine, ctx.lse = engine, lse
         ctx.grads = engine.gradients(lse, need_x, need_w) if (need_x or need_w) else None
         return loss
@@ -399,16 +449,19 @@ class _ChunkedLoss(torch.autograd.Function):
                 grads = ctx.engine.gradients(ctx.lse, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if not bool(grad == 1):  # e.g. a loss scaler: scale in place (the tensors are ours alone now)
             grads = tuple(None if g is None else g.mul_(grad.to(g.dtype)) for g in grads)
-        return grads[0], grads[1], None, None, None
+        bias_grad = None if ctx.bias_grad is None else ctx.bias_grad * grad.to(ctx.bias_grad.dtype)
+        return grads[0], grads[1], bias_grad, None, None, None
 
 
 def chunked_margin_loss(x_hat: torch.Tensor, weight: torch.Tensor, step: Step,
-                        update_margin: bool) -> torch.Tensor:
-    """Scalar mean margin softmax CE of the global batch; exact gradients for ``x_hat`` and ``weight``.
+                        update_margin: bool, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scalar mean loss of the global batch (``step.criterion``, default the margin softmax CE); exact
+    gradients for ``x_hat``, ``weight`` and the criterion's scalar ``bias``.
 
     x_hat: [B, D] L2-normalised global embeddings (gradient flows to them); weight: [num_local·K, D]
     this rank's centers (un-normalised). ``update_margin``: call the margin's ``update_state`` once
-    (train mode) on the global batch, before the formulas.
+    (train mode) on the global batch, before the formulas. ``bias``: the criterion's learned scalar
+    (its value is read by the streamed criterion; here it only receives the gradient).
     """
     grad_mode = torch.is_grad_enabled()
     need_x = grad_mode and x_hat.requires_grad
@@ -420,12 +473,13 @@ def chunked_margin_loss(x_hat: torch.Tensor, weight: torch.Tensor, step: Step,
             with torch.no_grad():
                 step.margin.update_state(engine.global_batch())
         engine.target_logits()
-        return _ChunkedLoss.apply(x_hat, weight, engine, need_x, need_w)
+        return _ChunkedLoss.apply(x_hat, weight, bias, engine, need_x, need_w)
 
 
 __all__: List[str] = [
     "SoftmaxCE",
     "Step",
+    "StreamedCriterion",
     "check_chunk_options",
     "chunk_classes",
     "chunked_margin_loss",

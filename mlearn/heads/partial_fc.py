@@ -16,12 +16,14 @@ from torch import nn
 
 from mlearn.heads import chunked as C
 from mlearn.heads import distributed as D
-from mlearn.heads.margins import Margin
+from mlearn.heads.criteria import Criterion, build_criterion, dense_criterion_loss
+from mlearn.heads.margins import Margin, Softmax
 
 log = logging.getLogger(__name__)
 
 _INIT_CHUNK = 1 << 16  # rows per independently seeded chunk of the initial centers
 ENGINES = ("chunked", "dense")
+_COSINE_LOGITS = Softmax(s=1.0)  # the engine's margin for criteria with their own margins: logits = cos
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> Tuple[int, int]:
@@ -35,8 +37,8 @@ class PartialFC(nn.Module):
     """Margin-based softmax classifier with class centers sharded over ranks and optional sampling.
 
     ``loss = head(embeddings [B_r, D], labels [B_r])``: embeddings un-normalised, labels global class
-    ids in [0, num_classes). Returns the mean softmax cross-entropy over the GLOBAL batch (all ranks),
-    the same scalar on every rank.
+    ids in [0, num_classes). Returns the mean softmax cross-entropy (or the ``criterion``'s loss) over
+    the GLOBAL batch (all ranks), the same scalar on every rank.
 
     Distributed (``torch.distributed`` initialised, W ranks in ``process_group``): rank r holds the
     contiguous block ``[class_start, class_start + num_local)`` of the centers as ``weight``
@@ -101,6 +103,12 @@ class PartialFC(nn.Module):
         chunk_size: classes per block of the chunked engine (default: from ``chunk_memory_mb``).
         chunk_memory_mb: memory budget of one block's working tensors (default: 8 MB on CPU,
             1024 MB on CUDA); ignored when ``chunk_size`` is given.
+        criterion: the loss on the logits (:mod:`mlearn.heads.criteria`; a module or a registered
+            name): None keeps the margin softmax cross-entropy, bit for bit. ``sphereface2`` and
+            ``uniface`` carry their own margins (``margin=None``); the others consume the margin's
+            logits. The criterion is told C and ``sample_rate`` here; its scalar ``bias`` (if any) is
+            replicated and its gradient all-reduced by the criterion
+            (:meth:`replicated_parameter_names`: keep it out of DDP).
     """
 
     def __init__(
@@ -117,9 +125,11 @@ class PartialFC(nn.Module):
         engine: str = "chunked",
         chunk_size: Optional[int] = None,
         chunk_memory_mb: Optional[float] = None,
+        criterion: Optional[Any] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(margin, nn.Module):
+        criterion = _check_criterion(margin, criterion)
+        if criterion is None and not isinstance(margin, nn.Module):
             raise TypeError(
                 f"margin: expected an nn.Module (e.g. mlearn.heads.ArcFace), got {type(margin).__name__}"
             )
@@ -141,6 +151,9 @@ class PartialFC(nn.Module):
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.chunk_memory_mb = None if chunk_memory_mb is None else float(chunk_memory_mb)
         self.margin = margin
+        self.criterion = criterion
+        if criterion is not None:
+            criterion.configure(int(num_classes), float(sample_rate))
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.sample_rate = float(sample_rate)
@@ -161,6 +174,13 @@ class PartialFC(nn.Module):
     def sharded_parameter_names(self) -> List[str]:
         """Parameters that differ per rank (names relative to this module): exclude them from DDP."""
         return ["weight"]
+
+    def replicated_parameter_names(self) -> List[str]:
+        """Parameters identical on every rank whose gradient the head all-reduces itself (the
+        criterion's ``bias``): exclude them from DDP too, or DDP would reduce them a second time."""
+        if self.criterion is None:
+            return []
+        return [f"criterion.{name}" for name, _ in self.criterion.named_parameters()]
 
     def sharded_buffer_names(self) -> List[str]:
         """Buffers that differ per rank: none (margin statistics are computed on the global batch)."""
@@ -247,6 +267,8 @@ class PartialFC(nn.Module):
     def uses_chunked_engine(self) -> bool:
         """True when forward runs :mod:`mlearn.heads.chunked` (see ``engine``)."""
         margin = self.margin
+        if margin is None:  # a criterion with its own margins: the engine runs on the cosines
+            return self.engine == "chunked"
         return (self.engine == "chunked" and isinstance(margin, Margin)
                 and type(margin).forward is Margin.forward)
 
@@ -270,7 +292,7 @@ class PartialFC(nn.Module):
         local[(local < 0) | (local >= self.num_local)] = -1
         index, local = self._sample(local)
         if self.uses_chunked_engine():
-            return self._chunked_loss(all_embeddings, local, index, generator)
+            return self._chunked_loss(all_embeddings, local, index, generator, all_labels)
         weight: torch.Tensor = self.weight
         if index is not None:
             k, dim = self.num_subcenters, self.embedding_size
@@ -284,6 +306,8 @@ class PartialFC(nn.Module):
             if self.num_subcenters > 1:
                 cosine = cosine.view(batch, -1, self.num_subcenters).max(dim=2).values
             cosine = cosine.clamp(-1.0, 1.0)
+            if self.criterion is not None:
+                return self._dense_criterion_loss(cosine, local, all_embeddings, all_labels, generator)
             extra: Dict[str, Any] = {}
             if getattr(self.margin, "needs_target_cosine", False):
                 extra["target_cosine"] = D.shared_target_cosine(cosine, local, group)
@@ -300,8 +324,30 @@ class PartialFC(nn.Module):
                 logits = plain + (logits - plain).detach()
             return D.dist_cross_entropy(logits, local, group)
 
+    def _dense_criterion_loss(self, cosine: torch.Tensor, local: torch.Tensor, embeddings: torch.Tensor,
+                              labels: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Dense reference path of a criterion: cosine [B, C_kept] float32/64 (autograd), local [B]."""
+        assert self.criterion is not None
+        x_hat = F.normalize(embeddings.to(cosine.dtype), dim=1)
+        if self.margin is None:
+            logits, scale = cosine, 1.0
+        else:
+            extra: Dict[str, Any] = {}
+            if getattr(self.margin, "needs_target_cosine", False):
+                extra["target_cosine"] = D.shared_target_cosine(cosine, local, self.process_group)
+            if generator is not None:
+                extra["generator"] = generator
+            norms = embeddings.to(cosine.dtype).norm(dim=1)
+            logits, scale = self.margin(cosine, local, norms, **extra), self.margin.s
+            if self.straight_through:
+                plain = cosine * scale
+                logits = plain + (logits - plain).detach()
+        streamed = self.criterion.stream(scale, x_hat.detach(), labels, self.process_group, cosine.dtype)
+        bias = getattr(self.criterion, "bias", None)
+        return dense_criterion_loss(logits, local, streamed, x_hat, self.process_group, bias)
+
     def _chunked_loss(self, embeddings: torch.Tensor, local: torch.Tensor, index: Optional[torch.Tensor],
-                      generator: Optional[torch.Generator]) -> torch.Tensor:
+                      generator: Optional[torch.Generator], labels: torch.Tensor) -> torch.Tensor:
         device = self.weight.device
         stat_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         compute_dtype = self.weight.dtype
@@ -315,8 +361,15 @@ class PartialFC(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             x = embeddings.to(stat_dtype)
             x_hat = F.normalize(x, dim=1)
+            criterion: C.StreamedCriterion = C.SoftmaxCE()
+            bias = None
+            margin = self.margin if self.margin is not None else _COSINE_LOGITS
+            if self.criterion is not None:
+                criterion = self.criterion.stream(margin.s, x_hat.detach(), labels, self.process_group,
+                                                  stat_dtype)
+                bias = getattr(self.criterion, "bias", None)
             step = C.Step(
-                margin=self.margin,  # a Margin: checked by uses_chunked_engine
+                margin=margin,  # a Margin: checked by uses_chunked_engine
                 labels=local,
                 norms=x.detach().norm(dim=1),
                 index=index,
@@ -328,9 +381,52 @@ class PartialFC(nn.Module):
                 group=self.process_group,
                 compute_dtype=compute_dtype,
                 stat_dtype=stat_dtype,
-                criterion=C.SoftmaxCE(),
+                criterion=criterion,
             )
-            return C.chunked_margin_loss(x_hat, self.weight, step, update_margin=self.margin.training)
+            return C.chunked_margin_loss(x_hat, self.weight, step, bias=bias,
+                                         update_margin=self.margin is not None and self.margin.training)
+
+    @torch.no_grad()
+    def set_centers(self, centers: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """Overwrite this rank's centers from the full matrix ``centers`` [num_classes, D] (the same on
+        every rank): each of a class's K sub-centers gets the class's row. ``keep`` [num_classes] bool:
+        classes whose rows stay as they are. Not a collective call (the optimizer state is untouched)."""
+        if tuple(centers.shape) != (self.num_classes, self.embedding_size):
+            raise ValueError(f"centers: expected [{self.num_classes}, {self.embedding_size}] (num_classes, "
+                             f"embedding_size), got {list(centers.shape)}")
+        rows = centers[self.class_start : self.class_start + self.num_local].to(self.weight)
+        rows = rows.repeat_interleave(self.num_subcenters, dim=0)
+        if keep is None:
+            self.weight.copy_(rows)
+            return
+        if tuple(keep.shape) != (self.num_classes,):
+            raise ValueError(f"keep: expected [{self.num_classes}] booleans, got {list(keep.shape)}")
+        change = ~keep[self.class_start : self.class_start + self.num_local].to(self.weight.device).bool()
+        change = change.repeat_interleave(self.num_subcenters)
+        self.weight[change] = rows[change]
+
+
+def _check_criterion(margin: Optional[Any], criterion: Optional[Any]) -> Optional[Criterion]:
+    """The criterion as a module (a name is built with its defaults); one line when the margin does not
+    fit it."""
+    if criterion is None:
+        if margin is None:
+            raise ValueError("margin=None: the margin softmax needs a margin (e.g. mlearn.heads.ArcFace); "
+                             "margin=None goes with a criterion with its own margins (sphereface2, uniface)")
+        return None
+    if isinstance(criterion, str):
+        criterion = build_criterion(criterion)
+    if not isinstance(criterion, Criterion):
+        raise TypeError(f"criterion: expected a name or an mlearn.heads.criteria.Criterion, got "
+                        f"{type(criterion).__name__}")
+    name = criterion.name or type(criterion).__name__
+    if criterion.own_margin and margin is not None:
+        raise ValueError(f"criterion {name!r} carries its own margin: use margin=None, not margin="
+                         f"{type(margin).__name__}")
+    if not criterion.own_margin and margin is None:
+        raise ValueError(f"criterion {name!r} consumes a margin's logits: margin=None is not allowed "
+                         "(give e.g. mlearn.heads.ArcFace)")
+    return criterion
 
 
 def _gather_weight_hook(module: PartialFC, state_dict: dict, prefix: str, local_metadata: dict) -> None:
