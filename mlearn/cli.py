@@ -1,4 +1,4 @@
-"""The ``mlearn`` command: ``train``, ``eval``, ``export``, ``embed``, ``data``.
+"""The ``mlearn`` command: ``train``, ``eval``, ``export``, ``embed``, ``data``, ``import``, ``verify``.
 
 Every failure ends with one ``mlearn <cmd>: error: ...`` line on stderr, never a traceback (set
 ``MLEARN_DEBUG=1`` to see the traceback instead). Expected errors (bad input: :class:`UsageError`,
@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mlearn.errors import UsageError
 
@@ -23,10 +23,13 @@ USAGE = """usage: mlearn <command> [options]
 
 commands:
   train    train an embedding model (LightningCLI: --config FILE.yaml, dotted overrides)
-  eval     evaluate a run dir / checkpoint / ONNX model on a benchmark suite
+  eval     evaluate a run dir / checkpoint / ONNX model on a benchmark suite, or on your own files
+           (--folder / --pairs / --trials: metrics and score thresholds at target FARs)
   export   export a trained backbone to ONNX / TorchScript / safetensors with a parity check
   embed    embed a folder or list of images with a run dir / checkpoint / exported model
+  verify   decide same / different identity for a list of pairs at a stored FAR threshold
   data     inspect a dataset (counts, class sizes, corrupt records) or convert rec <-> folder
+  import   turn a public checkpoint (insightface, AdaFace, WeSpeaker) into an mlearn model directory
 
 `mlearn <command> --help` lists each command's options."""
 
@@ -99,11 +102,27 @@ def train(argv: List[str]) -> int:
 
 
 def evaluate(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mlearn eval", description="Evaluate a model on a benchmark suite.")
-    parser.add_argument("--model", required=True, help="run dir, .ckpt or .onnx")
-    parser.add_argument("--suite", required=True, help="suite YAML, e.g. evaluation/face_bins.yaml")
+    parser = argparse.ArgumentParser(prog="mlearn eval", description=(
+        "Evaluate a model on a benchmark suite, or on your own files (--folder / --pairs / --trials: "
+        "ROC, EER, minDCF, rank-k and the score thresholds at target FARs, see docs/protocols.md f)."))
+    parser.add_argument("--model", required=True, help="run dir, .ckpt, model dir or exported model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--suite", help="suite YAML, e.g. evaluation/face_bins.yaml")
+    source.add_argument("--folder", help="your files as <folder>/<identity>/<file> (images, or wavs)")
+    source.add_argument("--pairs", help="pair list: 'path1 path2 label' lines, label 1 same / 0 different")
+    source.add_argument("--trials", help="speaker trial list ('1 enroll test' or 'enroll test target')")
+    parser.add_argument("--files-root", default=None,
+                        help="--pairs / --trials: the folder the list's paths start from "
+                             "(default: the list's folder)")
+    parser.add_argument("--max-impostors", type=positive_int, default=1_000_000,
+                        help="--folder: impostor pairs, a seeded uniform sample when there are more")
+    parser.add_argument("--fars", default="0.01,0.001,0.0001",
+                        help="target FARs for TAR@FAR and thresholds (comma-separated)")
+    parser.add_argument("--bootstrap", type=int, default=200,
+                        help="bootstrap rounds of the threshold intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="impostor sampling and bootstrap seed")
     parser.add_argument("--data-root", default=None, help="folder the suite's relative paths start from")
-    parser.add_argument("--out", default=None, help="output dir (default: <run dir>/eval/<suite>)")
+    parser.add_argument("--out", default=None, help="output dir (default: <run dir>/eval/<suite or folder>)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     from mlearn.trust import add_trust_arguments
 
@@ -112,15 +131,40 @@ def evaluate(argv: List[str]) -> int:
     from mlearn.evaluation.suite import run_suite
     from mlearn.inference import load_model
 
-    suite = Path(args.suite)
-    if not suite.is_file():
-        raise FileNotFoundError(f"suite not found: {suite} (see evaluation/*.yaml)")
     model_path = Path(args.model)
-    out = Path(args.out) if args.out else _default_eval_dir(model_path, suite)
+    if args.suite is not None:
+        suite: Any = Path(args.suite)
+        if not Path(args.suite).is_file():
+            raise FileNotFoundError(f"suite not found: {args.suite} (see evaluation/*.yaml)")
+        name = Path(args.suite).stem
+    else:
+        suite, name = _own_data_suite(args)
+    out = Path(args.out) if args.out else _default_eval_dir(model_path, Path(name))
     model = load_model(model_path, unsafe=args.unsafe_load, allow_any_class=args.allow_any_class)
     run_suite(model, suite, data_root=args.data_root, out_dir=out, batch_size=args.batch_size)
     print(f"results written to {out}")
     return 0
+
+
+def _own_data_suite(args: argparse.Namespace) -> Tuple[Dict[str, Any], str]:
+    """The one-entry ``own_data`` suite of ``mlearn eval --folder / --pairs / --trials`` and its name."""
+    kind, value = next((k, getattr(args, k)) for k in ("folder", "pairs", "trials") if getattr(args, k))
+    path = Path(value)
+    if not path.exists():
+        what = "folder <folder>/<identity>/<file>" if kind == "folder" else f"{kind} list"
+        raise FileNotFoundError(f"--{kind} {path} not found (expected a {what})")
+    try:
+        fars = [float(f) for f in args.fars.split(",") if f.strip()]
+    except ValueError:
+        raise UsageError(f"--fars {args.fars!r}: expected comma-separated rates, e.g. 0.01,0.001") from None
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap {args.bootstrap}: expected a non-negative integer")
+    name = path.resolve().name if kind == "folder" else path.stem
+    entry = {"type": "own_data", kind: str(path.resolve()), "name": name, "fars": fars,
+             "bootstrap": args.bootstrap, "seed": args.seed, "max_impostors": args.max_impostors}
+    if args.files_root:
+        entry["files_root"] = str(Path(args.files_root).resolve())
+    return {"name": f"own_data_{name}", "protocols": [entry]}, name
 
 
 def export(argv: List[str]) -> int:
@@ -137,20 +181,78 @@ def export(argv: List[str]) -> int:
                              "fp32)")
     parser.add_argument("--parity-batch", type=positive_int, default=3,
                         help="random inputs in the parity check")
+    parser.add_argument("--thresholds", nargs="?", const="", default=None, metavar="RESULTS",
+                        help="store the verification thresholds of an own-data evaluation (results.json or "
+                             "its folder; alone: the newest <run>/eval/*/results.json with thresholds)")
+    parser.add_argument("--thresholds-benchmark", default=None,
+                        help="the benchmark row to take thresholds from when several have them")
     from mlearn.trust import add_trust_arguments
 
     add_trust_arguments(parser)
     args = parser.parse_args(argv)
     from mlearn.export import ParityError, export_model
 
+    thresholds = args.thresholds
+    if thresholds == "":  # --thresholds alone: the latest evaluation of the run
+        model = Path(args.model)
+        run = model if model.is_dir() else model.parent
+        thresholds = str(run.parent if run.name == "checkpoints" else run)
     try:
         result = export_model(args.model, args.format, args.output, fp16=args.fp16, opset=args.opset,
                               parity_batch=args.parity_batch, unsafe=args.unsafe_load,
-                              allow_any_class=args.allow_any_class)
+                              allow_any_class=args.allow_any_class, thresholds=thresholds,
+                              thresholds_benchmark=args.thresholds_benchmark)
     except ParityError as exc:
         print(f"mlearn export: error: {exc}", file=sys.stderr)
         return 1
     print(result)
+    if "thresholds" in result.metadata:
+        stored = result.metadata["thresholds"]
+        listed = ", ".join(f"FAR {float(k):g}: {v['threshold']:.4f}" for k, v in stored["far"].items())
+        print(f"thresholds from {stored['source']} stored ({listed})")
+    return 0
+
+
+def verify(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlearn verify", description=(
+        "Verify a list of pairs ('path1 path2 [label]' lines, images or wavs): writes OUT.tsv with the "
+        "cosine score and the decision at the threshold for --far stored in the model (mlearn export "
+        "--thresholds) or read from --thresholds."))
+    parser.add_argument("--model", required=True, help=".onnx, TorchScript .pt, .safetensors, run/model dir")
+    parser.add_argument("--pairs", required=True, help="pair list; paths relative to its folder")
+    parser.add_argument("--output", required=True, help="OUT.tsv: path1, path2, score, decision[, label]")
+    parser.add_argument("--far", type=float, default=1e-3, help="target false-accept rate (default 1e-3)")
+    parser.add_argument("--thresholds", default=None,
+                        help="results.json of an own-data evaluation, its folder or a run dir (default: the "
+                             "thresholds stored in the model)")
+    parser.add_argument("--thresholds-benchmark", default=None,
+                        help="the benchmark row to use when several have thresholds")
+    parser.add_argument("--files-root", default=None, help="folder the list's paths start from")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    from mlearn.trust import add_trust_arguments
+
+    add_trust_arguments(parser)
+    args = parser.parse_args(argv)
+    from mlearn.evaluation.protocols.own_data import check_probe, read_thresholds, verify_pair_list
+    from mlearn.inference import load_model
+
+    if not Path(args.pairs).is_file():
+        raise FileNotFoundError(f"--pairs {args.pairs} not found (expected 'path1 path2 [label]' lines)")
+    model = load_model(args.model, unsafe=args.unsafe_load, allow_any_class=args.allow_any_class)
+    record = None
+    if args.thresholds is not None:
+        record = read_thresholds(args.thresholds, args.thresholds_benchmark)
+        check_probe(model, record, record["source"])
+    summary = verify_pair_list(model, args.pairs, args.output, far=args.far, thresholds=record,
+                               files_root=args.files_root, batch_size=args.batch_size)
+    line = (f"{summary['pairs']} pairs -> {args.output}: {summary['accepted']} accepted at threshold "
+            f"{summary['threshold']:.4f} (FAR {args.far:g}), {summary['errors']} with unreadable files")
+    if "tar" in summary:
+        def rate(v: Optional[float]) -> str:
+            return "n/a" if v is None else f"{v * 100:.2f}%"
+
+        line += f"; on the labels: FAR {rate(summary['realised_far'])}, TAR {rate(summary['tar'])}"
+    print(line)
     return 0
 
 
@@ -207,11 +309,32 @@ def data(argv: List[str]) -> int:
     return 0
 
 
+def import_model(argv: List[str]) -> int:
+    from mlearn.models.importers import IMPORTERS, import_checkpoint
+
+    parser = argparse.ArgumentParser(prog="mlearn import", description=(
+        "Convert a public checkpoint into a model directory (backbone.safetensors + model.json) that "
+        "`mlearn eval/embed/export --model` and `--model.init_from` accept; see docs/pretrained.md."))
+    parser.add_argument("family", choices=sorted(IMPORTERS), help="who published the checkpoint")
+    parser.add_argument("checkpoint", help="the published weights file (e.g. model.pt, .ckpt, avg_model.pt)")
+    parser.add_argument("--arch", required=True, help="; ".join(
+        f"{name}: {', '.join(importer.archs)}" for name, importer in sorted(IMPORTERS.items())))
+    parser.add_argument("--output", required=True, help="model directory to write (replaced if it exists)")
+    parser.add_argument("--config", default=None, help="; ".join(
+        f"{name}: {importer.config_help}" for name, importer in sorted(IMPORTERS.items())
+        if importer.config_help) or "not used")
+    args = parser.parse_args(argv)
+    output = import_checkpoint(args.family, args.checkpoint, args.arch, args.output, config=args.config)
+    print(f"imported {args.family} {args.arch} from {args.checkpoint} -> {output}")
+    return 0
+
+
 def _default_eval_dir(model: Path, suite: Path) -> Path:
     base = model if model.is_dir() else model.parent
     return base / "eval" / suite.stem
 
 
 COMMANDS: Dict[str, Callable[[List[str]], int]] = {
-    "train": train, "eval": evaluate, "export": export, "embed": embed, "data": data,
+    "train": train, "eval": evaluate, "export": export, "embed": embed, "data": data, "import": import_model,
+    "verify": verify,
 }

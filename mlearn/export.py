@@ -13,7 +13,10 @@ safetensors   header ``__metadata__`` (JSON values)   weights reloaded into a fr
 Metadata keys: ``input_spec`` (modality, input size / fbank settings, channel order, mean, std),
 ``embedding_size``, ``backbone`` (``class_path`` + ``init_args``), ``config_hash`` (sha256 of the
 training hyper-parameters, 16 hex digits), ``mlearn_version``, ``format``, ``precision`` (fp32 / fp16),
-``input_name``, ``output_name``, ``dynamic_axes``.
+``input_name``, ``output_name``, ``dynamic_axes``; with ``thresholds`` (``mlearn export --thresholds``)
+also ``thresholds``: the verification thresholds at target FARs from an ``own_data`` evaluation of this
+model (:func:`mlearn.evaluation.protocols.own_data.read_thresholds`), which
+``load_model(path).verify(a, b, far=...)`` uses.
 
 Axes: batch is dynamic; audio models (input fbank ``[B, T, num_mel_bins]``) also have a dynamic
 ``frames`` axis. ONNX/TorchScript outputs are raw (un-normalised) embeddings.
@@ -104,7 +107,8 @@ class ExportResult:
 
 def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLike] = None, fp16: bool = False,
                  opset: int = 17, parity_batch: int = 3, *, unsafe: bool = False,
-                 allow_any_class: bool = False) -> ExportResult:
+                 allow_any_class: bool = False, thresholds: Optional[PathLike] = None,
+                 thresholds_benchmark: Optional[str] = None) -> ExportResult:
     """Export the backbone of ``model`` (run dir or ``.ckpt``) as ``format`` and check parity.
 
     ``output`` defaults to ``<run dir>/model[_fp16].{onnx,pt,safetensors}``. The parity check embeds
@@ -114,6 +118,11 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
     embeddings exceeds 1e-4 (fp32) / 1e-2 (fp16) or their min cosine is below 0.99999 / 0.999; the
     failed file is renamed ``<output>.failed``. ``unsafe`` / ``allow_any_class``: see
     :func:`mlearn.load_model` (only for checkpoints you trust). ``output`` never overwrites the input.
+
+    ``thresholds``: a ``results.json`` of an ``own_data`` evaluation, its folder, or a run dir (its newest
+    ``eval/*/results.json`` with thresholds; ``thresholds_benchmark`` picks a row when several have
+    them): stored as the ``thresholds`` metadata after checking, on a fixed probe input, that they were
+    computed with this model (``ValueError`` otherwise; nothing is written).
     """
     if format not in FORMATS:
         raise ValueError(f"format '{format}': expected one of {list(FORMATS)}")
@@ -127,6 +136,7 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
                          f"{default_output(Path(model), format, fp16)}")
     backbone, spec, info = load_backbone(checkpoint, unsafe=unsafe, allow_any_class=allow_any_class)
     backbone = backbone.float().eval()
+    record = _thresholds_for(backbone, spec, thresholds, thresholds_benchmark) if thresholds else None
     output.parent.mkdir(parents=True, exist_ok=True)
     audio = spec.get("modality") == "audio"
     input_axes = {0: "batch", 1: "frames"} if audio else {0: "batch"}
@@ -143,6 +153,8 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
         "output_name": OUTPUT_NAME,
         "dynamic_axes": {name: {str(k): v for k, v in axes.items()} for name, axes in dynamic_axes.items()},
     }
+    if record is not None:
+        metadata["thresholds"] = record
     to_export = copy.deepcopy(backbone).half() if fp16 else backbone
     example = torch.from_numpy(_example_input(spec, batch=2, frames=EXPORT_FRAMES))
     with torch.no_grad(), warnings.catch_warnings():
@@ -158,6 +170,17 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
         raise ParityError(f"{format} export does not match the PyTorch model: {report} "
                           f"(file moved to {failed})")
     return ExportResult(path=output, format=format, fp16=fp16, report=report, metadata=metadata)
+
+
+def _thresholds_for(backbone: nn.Module, spec: Dict[str, Any], source: PathLike,
+                    benchmark: Optional[str]) -> Dict[str, Any]:
+    """The thresholds record of ``source`` (see :func:`export_model`), checked against ``backbone``."""
+    from mlearn.evaluation.protocols.own_data import check_probe, read_thresholds
+    from mlearn.inference import TorchEmbedder
+
+    record = read_thresholds(source, benchmark)
+    check_probe(TorchEmbedder(backbone, spec, device="cpu"), record, record["source"])
+    return record
 
 
 def export_onnx(model: PathLike, output: Optional[PathLike] = None, opset: int = 17, fp16: bool = False,

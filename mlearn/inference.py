@@ -27,6 +27,7 @@ PathLike = Union[str, Path]
 CHECKPOINT_NAMES = ("last.ckpt",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".jit", ".torchscript")
 TORCHSCRIPT_METADATA_FILE = "mlearn.json"
+MODEL_DIR_WEIGHTS = "backbone.safetensors"  # a model directory (``mlearn import``): weights + metadata
 
 
 
@@ -143,10 +144,12 @@ def embed_batches(model: SupportsEmbed, batches: Iterable[np.ndarray], flip: boo
 
 
 class Embedder:
-    """A model plus its recorded preprocessing: ``embed(batch) -> float32 [N, D]`` (L2-normalised).
+    """A model plus its recorded preprocessing: ``embed(batch) -> float32 [N, D]`` (L2-normalised),
+    ``verify(a, b, far=1e-3) -> (score, accepted)`` at a threshold stored with the model.
 
     Attributes: ``spec`` (the input spec), ``embedding_size``, ``metadata`` (everything recorded at
-    export; for a checkpoint, the same keys rebuilt from it), ``modality`` (``image`` / ``audio``).
+    export, ``thresholds`` included when exported with ``--thresholds``; for a checkpoint, the same keys
+    rebuilt from it), ``modality`` (``image`` / ``audio``).
     """
 
     spec: Dict[str, Any]
@@ -165,11 +168,55 @@ class Embedder:
 
     def embed(self, batch: Any, normalize: bool = True) -> np.ndarray:
         """``batch``: one or N uint8 RGB images (HWC or CHW; numpy or tensor; values 0-255), resized if
-        needed; for audio models finite float fbank features [N, T, F]. Other dtypes (float, uint16,
-        bool images; integer or NaN features) and shapes raise ``ValueError``. Returns float32 [N, D],
-        L2-normalised unless ``normalize=False``."""
+        needed; for audio models finite float fbank features [N, T, F] ([T, F] for one), or raw 16 kHz
+        waveforms: one 1-D array or a list of them (float in [-1, 1] or int16, any lengths; see
+        :meth:`embed_waveforms`). Other dtypes (float, uint16, bool images; integer or NaN features) and
+        shapes raise ``ValueError``. Returns float32 [N, D], L2-normalised unless ``normalize=False``."""
+        if self.modality == "audio":
+            from mlearn.inference_audio import is_waveform_input
+
+            if is_waveform_input(batch):
+                return self.embed_waveforms(batch, normalize=normalize)
         out = np.asarray(self.forward(self.preprocess(batch)), dtype=np.float32)
         return l2_normalize(out) if normalize else out
+
+    def embed_waveforms(self, waveforms: Any, sample_rate: int = 16000, normalize: bool = True,
+                        batch_size: int = 64) -> np.ndarray:
+        """Audio models: raw waveforms (one 1-D array / tensor or a list; float in [-1, 1] or int16) at
+        ``sample_rate`` (the spec's, 16 kHz; nothing is resampled) -> the recorded fbank front-end, as
+        ``mlearn embed`` treats a wav file of the same samples -> float32 [N, D]."""
+        if self.modality != "audio":
+            raise ValueError(f"embed_waveforms: only audio models take waveforms (this one: {self.modality})")
+        from mlearn.inference_audio import embed_waveforms
+
+        out = embed_waveforms(lambda feats: self.forward(self.preprocess(feats)), waveforms, self.spec,
+                              sample_rate=sample_rate, batch_size=batch_size)
+        return l2_normalize(out) if normalize else out
+
+    def threshold(self, far: float = 1e-3, thresholds: Optional[Dict[str, Any]] = None) -> float:
+        """The score threshold for target FAR ``far`` stored with the model (``metadata["thresholds"]``,
+        written by ``mlearn export --thresholds``) or given as ``thresholds`` (what
+        :func:`mlearn.evaluation.protocols.own_data.read_thresholds` returns for a ``results.json``).
+        ``ValueError`` naming the FARs available when there is none for ``far``."""
+        from mlearn.evaluation.metrics.thresholds import stored_threshold
+
+        return stored_threshold(self.metadata.get("thresholds") if thresholds is None else thresholds, far)
+
+    def verify(self, a: Any, b: Any, far: float = 1e-3,
+               thresholds: Optional[Dict[str, Any]] = None) -> Tuple[Any, Any]:
+        """Same identity? ``a`` and ``b``: one input each, or N each (whatever :meth:`embed` takes).
+        Returns ``(score, accepted)``: the cosine of the two L2-normalised embeddings and ``score >=
+        threshold`` at target FAR ``far`` (see :meth:`threshold`); a float and a bool for one pair,
+        float64 [N] and bool [N] arrays for N pairs."""
+        threshold = self.threshold(far, thresholds)  # before embedding: a missing FAR fails fast
+        first, second = self.embed(a), self.embed(b)
+        if first.shape != second.shape:
+            raise ValueError(f"verify: {len(first)} inputs in a but {len(second)} in b; expected as many")
+        scores = np.einsum("nd,nd->n", first, second, dtype=np.float64)
+        accepted = scores >= threshold
+        if len(scores) == 1:
+            return float(scores[0]), bool(accepted[0])
+        return scores, accepted
 
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         """Preprocessed float32 inputs -> raw embeddings [N, D]."""
@@ -232,7 +279,8 @@ def load_model(path: PathLike, device: Optional[str] = None, *, unsafe: bool = F
                allow_any_class: bool = False) -> Embedder:
     """Load a model as an object with ``.embed(batch)`` (see :meth:`Embedder.embed`).
 
-    ``path``: a run dir or ``.ckpt`` (training checkpoint), ``.onnx``, TorchScript ``.pt``/``.pth``
+    ``path``: a run dir or ``.ckpt`` (training checkpoint), a model directory written by ``mlearn import``
+    (``backbone.safetensors`` inside), ``.onnx``, TorchScript ``.pt``/``.pth``
     (exported by ``mlearn export --format torchscript``) or ``.safetensors`` (exported by ``mlearn
     export --format safetensors``; the backbone is rebuilt from the recorded spec). ``device``: torch
     device for the PyTorch formats (default: CUDA when available); ONNX uses CUDA when onnxruntime has it.
@@ -243,6 +291,8 @@ def load_model(path: PathLike, device: Optional[str] = None, *, unsafe: bool = F
     load them only from trusted sources.
     """
     path = Path(path)
+    if (path / MODEL_DIR_WEIGHTS).is_file():
+        path = path / MODEL_DIR_WEIGHTS
     suffix = path.suffix.lower()
     if (suffix in (".onnx", ".safetensors") or suffix in TORCHSCRIPT_SUFFIXES) and not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
@@ -327,8 +377,11 @@ def load_safetensors(path: PathLike, *, allow_any_class: bool = False) -> Tuple[
 
 def resolve_checkpoint(path: PathLike, *, unsafe: bool = False) -> Path:
     """A run dir -> its ``checkpoints/last.ckpt``, else its newest checkpoint by the recorded
-    (epoch, global_step) (never by name: ``epoch=10`` is newer than ``epoch=9``); a file -> itself."""
+    (epoch, global_step) (never by name: ``epoch=10`` is newer than ``epoch=9``); a model directory ->
+    its ``backbone.safetensors``; a file -> itself."""
     path = Path(path)
+    if (path / MODEL_DIR_WEIGHTS).is_file():
+        return path / MODEL_DIR_WEIGHTS
     if path.is_dir():
         for name in CHECKPOINT_NAMES:
             candidate = path / "checkpoints" / name
@@ -346,7 +399,8 @@ def resolve_checkpoint(path: PathLike, *, unsafe: bool = False) -> Path:
 
 def load_backbone(path: PathLike, *, unsafe: bool = False,
                   allow_any_class: bool = False) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
-    """Rebuild the backbone of a run dir / checkpoint with its trained weights.
+    """Rebuild the backbone of a run dir / checkpoint / model directory / ``.safetensors`` export with
+    its trained weights.
 
     Returns ``(backbone in eval mode, input_spec, info)`` where ``info`` has ``backbone`` (the
     class_path/init_args spec), ``checkpoint`` path and ``config_hash``. The checkpoint loads with
@@ -354,6 +408,12 @@ def load_backbone(path: PathLike, *, unsafe: bool = False,
     backbones (``allow_any_class``).
     """
     ckpt_path = resolve_checkpoint(path, unsafe=unsafe)
+    if ckpt_path.suffix.lower() == ".safetensors":
+        backbone, metadata = load_safetensors(ckpt_path, allow_any_class=allow_any_class)
+        config_hash = str(metadata.get("config_hash") or hashlib.sha256(
+            json.dumps(metadata["backbone"], sort_keys=True).encode()).hexdigest()[:16])
+        info = {"backbone": metadata["backbone"], "checkpoint": str(ckpt_path), "config_hash": config_hash}
+        return backbone, metadata["input_spec"], info
     checkpoint = load_checkpoint(ckpt_path, unsafe=unsafe)
     spec = _backbone_spec(checkpoint, ckpt_path)
     backbone = instantiate(spec, allow_any_class=allow_any_class, source=str(ckpt_path))

@@ -1,8 +1,12 @@
-"""Embed whole utterances (wav files) with an audio model: wav -> the model's recorded Kaldi fbank
-front-end -> ``model.embed``. Used by the ``trials`` protocol and ``mlearn embed``.
+"""Embed whole utterances with an audio model through the model's recorded Kaldi fbank front-end:
+wav files (:func:`embed_wavs`, used by the ``trials`` / ``own_data`` protocols and ``mlearn embed``;
+unusable wavs, i.e. unreadable, wrong sample rate, not mono, non-finite or shorter than one fbank
+frame, are returned as per-file failures, never raised) and waveforms held in Python
+(:func:`embed_waveforms`, behind ``Embedder.embed`` / ``embed_waveforms`` of an audio model).
 
-Unusable wavs (unreadable, wrong sample rate, not mono, non-finite, shorter than one fbank frame)
-are returned as per-file failures, never raised.
+Waveforms from Python: 1-D numpy arrays (or tensors) at the spec's sample rate (16 kHz), either
+float in [-1, 1] (what soundfile / torchaudio return) or int16; both are brought to the int16 range
+the fbank expects (``spec["input_scale"]``), exactly as a wav file of the same samples would be.
 """
 from __future__ import annotations
 
@@ -170,3 +174,70 @@ def embed_wavs(model: Any, paths: Sequence[Path], batch_size: int = 64, *,
         out[name] = np.stack([v if v is not None else np.zeros(dim, np.float32) for v in vectors]) \
             if keys else np.zeros((0, 0), np.float32)
     return out, ok, failures
+
+
+WAVEFORM_MAX_FLOAT = 2.0  # float waveforms beyond this are int16-range samples passed as float: refused
+
+
+def is_waveform_input(batch: Any) -> bool:
+    """True for what :func:`embed_waveforms` takes: one 1-D array / tensor, or a list / tuple of them."""
+    items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    return bool(items) and all(getattr(x, "ndim", None) == 1 for x in items)
+
+
+def waveform_features(waveforms: Any, spec: Mapping[str, Any], sample_rate: int = 16000) -> List[np.ndarray]:
+    """1-D waveforms (one, or a list) -> fbank features [T, F] float32 each, as :func:`embed_wavs`
+    computes them from a wav file (dither 0, CMN when the spec says). ``ValueError`` for a sample
+    rate other than the spec's, a dtype other than float / int16, float samples beyond [-2, 2] (int16-
+    range values passed as float), non-finite samples, or fewer samples than one fbank frame."""
+    import torch
+
+    from mlearn.data import INPUT_SCALE, apply_cmn, fbank_from_spec
+
+    fbank = fbank_from_spec(spec, dither=0.0, cmn=False).eval()
+    rate = fbank.options["sample_rate"]
+    if int(sample_rate) != rate:
+        raise ValueError(f"waveforms at {sample_rate} Hz; this model's fbank expects {rate} Hz "
+                         "(resample first)")
+    waves = list(waveforms) if isinstance(waveforms, (list, tuple)) else [waveforms]
+    scale = float(spec.get("input_scale", INPUT_SCALE))
+    out = []
+    for i, wave in enumerate(waves):
+        array = wave.detach().cpu().numpy() if hasattr(wave, "detach") else np.asarray(wave)
+        if array.ndim != 1:
+            raise ValueError(f"waveform {i}: expected a 1-D array of samples, got shape {array.shape}")
+        if array.dtype == np.int16:
+            samples = array.astype(np.float32)
+        elif np.issubdtype(array.dtype, np.floating):
+            if not np.isfinite(array).all():
+                raise ValueError(f"waveform {i}: contains NaN or infinite samples")
+            peak = float(np.abs(array).max()) if array.size else 0.0
+            if peak > WAVEFORM_MAX_FLOAT:
+                raise ValueError(f"waveform {i}: float samples up to {peak:g}; expected float audio in "
+                                 "[-1, 1] (pass int16-range samples as an int16 array)")
+            samples = array.astype(np.float32) * scale
+        else:
+            raise ValueError(f"waveform {i}: dtype {array.dtype}; expected float in [-1, 1] or int16")
+        if fbank.num_frames(len(samples)) == 0:
+            raise ValueError(f"waveform {i}: {_too_short(len(samples), fbank)}")
+        with torch.inference_mode():
+            feats = fbank(torch.from_numpy(samples))
+        out.append((apply_cmn(feats) if spec.get("cmn", True) else feats).numpy())
+    return out
+
+
+def embed_waveforms(forward: Callable[[np.ndarray], np.ndarray], waveforms: Any, spec: Mapping[str, Any],
+                    sample_rate: int = 16000, batch_size: int = 64) -> np.ndarray:
+    """Raw embeddings [N, D] (float32, input order) of 1-D waveforms (see :func:`waveform_features`):
+    utterances of equal frame count share a batch of ``forward(features [n, T, F]) -> [n, D]``."""
+    feats = waveform_features(waveforms, spec, sample_rate)
+    rows: Dict[int, np.ndarray] = {}
+    by_length: Dict[int, List[int]] = {}
+    for i, f in enumerate(feats):
+        by_length.setdefault(f.shape[0], []).append(i)
+    for members in by_length.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            out = np.asarray(forward(np.stack([feats[i] for i in chunk])), np.float32)
+            rows.update(zip(chunk, out))
+    return np.stack([rows[i] for i in range(len(feats))])

@@ -5,7 +5,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mlearn import _compat
-from mlearn.heads import Margin, PartialFC
+from mlearn.finetune import INIT_CENTERS, init_centers_from_class_means, load_initial_backbone
+from mlearn.heads import Criterion, Margin, PartialFC
 from mlearn.heads import distributed as D
 from mlearn.resume import rng_state_to_restore, save_rng_states, set_rng_state
 from mlearn.schedules import DEFAULT_SCHEDULE, LRSchedule, Schedule
@@ -33,12 +34,19 @@ class HeadConfig:
     """The classifier's settings; ``embedding_size`` and ``num_classes`` come from the backbone and data.
 
     Fields map 1:1 onto :class:`mlearn.heads.PartialFC` arguments (``--model.head.margin.m 0.4``).
+    ``criterion``: a :mod:`mlearn.heads.criteria` loss (``class_path`` + ``init_args``, or a registered
+    name such as ``sphereface2``; None: the margin softmax CE); ``sphereface2`` and ``uniface`` carry
+    their own margins and take ``margin: null``.
     """
 
-    margin: Margin
+    margin: Optional[Margin] = None
     sample_rate: float = 1.0
     num_subcenters: int = 1
     straight_through: bool = False
+    engine: str = "chunked"
+    chunk_size: Optional[int] = None
+    chunk_memory_mb: Optional[float] = None
+    criterion: Union[Criterion, str, None] = None
 
 
 class EmbeddingModule(pl.LightningModule):
@@ -74,9 +82,20 @@ class EmbeddingModule(pl.LightningModule):
     Resume: checkpoints also hold every rank's random-number state and (through the data module) the
     sample position (:mod:`mlearn.resume`), so ``--ckpt_path`` continues a run as if it had not stopped.
 
+    Fine-tuning (docs/finetune.md): ``init_from`` starts the backbone from trained weights while the head
+    is new; its centers start from the class-mean embeddings of the training set
+    (:func:`mlearn.finetune.init_centers_from_class_means`, at fit start; not on resume). During the
+    first ``freeze_backbone_steps`` optimizer steps the backbone is frozen: in eval mode (BatchNorm
+    statistics and dropout fixed) and its gradients dropped before every optimizer step, so neither
+    the update nor weight decay nor momentum moves it. Under DDP its gradients are still computed and
+    all-reduced (DDP's reducer expects every parameter's gradient each step); on one process its
+    forward runs without autograd. The backbone's learning rate is the schedule's times
+    ``backbone_lr_scale``.
+
     Args:
-        backbone: input [B, ...] -> embeddings [B, D]; must expose ``embedding_size``.
-        head: margin and Partial FC settings.
+        backbone: input [B, ...] -> embeddings [B, D]; must expose ``embedding_size``. Optional with
+            ``init_from`` (then the backbone recorded there is rebuilt).
+        head: margin and Partial FC settings (required).
         num_classes: C (linked from the data module by the CLI).
         optimizer: a callable ``params -> Optimizer`` (the config's ``class_path`` + ``init_args``).
         head_weight_decay: weight decay of the class centers (``None``: the optimizer's).
@@ -85,23 +104,51 @@ class EmbeddingModule(pl.LightningModule):
         schedule: the learning-rate schedule (``model.schedule: {decay: poly, warmup_epochs: 2}``).
         clip_backbone_grad_norm: before every optimizer step, clip the backbone's gradients to this
             global L2 norm (arcface_torch and ElasticFace: 5); the class centers are not clipped.
+        init_from: a model directory (``mlearn import``), run dir, ``.ckpt`` or ``.safetensors`` export
+            whose backbone weights start the run; with ``backbone`` given they must fit it exactly.
+        init_centers: ``class_mean`` or ``random`` (default: ``class_mean`` with ``init_from``, else
+            ``random``): how the class centers start.
+        freeze_backbone_steps: optimizer steps with the backbone frozen (only the head trains).
+        backbone_lr_scale: the backbone's learning rate relative to the head's (e.g. 0.1).
     """
 
     def __init__(
         self,
-        backbone: nn.Module,
-        head: HeadConfig,
+        backbone: Optional[nn.Module] = None,
+        head: Optional[HeadConfig] = None,
         num_classes: int = 0,
         optimizer: OptimizerFactory = default_optimizer,
         head_weight_decay: Optional[float] = None,
         norm_weight_decay: Optional[float] = None,
         schedule: LRSchedule = DEFAULT_SCHEDULE,
         clip_backbone_grad_norm: Optional[float] = None,
+        init_from: Optional[str] = None,
+        init_centers: Optional[str] = None,
+        freeze_backbone_steps: int = 0,
+        backbone_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         # From LightningCLI the hparams are the config (class_path + init_args), which rebuilds the
         # backbone on load; from Python the backbone instance is saved in the state dict only.
         self.save_hyperparameters(ignore=None if _compat.built_by_cli() else ["backbone"])
+        if head is None:
+            raise ValueError("model.head: required (at least model.head.margin, e.g. mlearn.heads.ArcFace)")
+        if backbone is None and init_from is None:
+            raise ValueError("model.backbone: required unless model.init_from names trained weights "
+                             "(a model directory, run dir or checkpoint) whose backbone is rebuilt")
+        if init_centers is not None and init_centers not in INIT_CENTERS:
+            raise ValueError(f"model.init_centers={init_centers!r}: expected one of "
+                             f"{', '.join(INIT_CENTERS)}")
+        if isinstance(freeze_backbone_steps, bool) or int(freeze_backbone_steps) != freeze_backbone_steps \
+                or freeze_backbone_steps < 0:
+            raise ValueError(f"model.freeze_backbone_steps={freeze_backbone_steps}: expected an integer >= 0")
+        if not backbone_lr_scale >= 0:
+            raise ValueError(f"model.backbone_lr_scale={backbone_lr_scale}: expected a number >= 0")
+        if init_from is not None:
+            backbone, spec, _ = load_initial_backbone(init_from, backbone)
+            if not isinstance(self.hparams.get("backbone"), dict):
+                # load_model / export / eval rebuild the backbone from this spec (inference._backbone_spec)
+                self.hparams["backbone"] = spec
         if not isinstance(schedule, LRSchedule):
             raise TypeError(f"schedule={schedule!r}: expected an LRSchedule, e.g. "
                             f"LRSchedule('poly', warmup_epochs=2) (model.schedule.decay in a config)")
@@ -117,6 +164,10 @@ class EmbeddingModule(pl.LightningModule):
         self.norm_weight_decay = norm_weight_decay
         self.schedule = schedule
         self.clip_backbone_grad_norm = clip_backbone_grad_norm
+        self.init_from = init_from
+        self.init_centers = init_centers or ("class_mean" if init_from is not None else "random")
+        self.freeze_backbone_steps = int(freeze_backbone_steps)
+        self.backbone_lr_scale = float(backbone_lr_scale)
         self.head: Optional[PartialFC] = None
         self._corrupt_in_epoch = 0
         self._tic: Optional[float] = None
@@ -133,8 +184,12 @@ class EmbeddingModule(pl.LightningModule):
         _check_num_classes(self.num_classes)
         cfg = self.head_config
         self.head = PartialFC(cfg.margin, self.embedding_size, self.num_classes, sample_rate=cfg.sample_rate,
-                              num_subcenters=cfg.num_subcenters, straight_through=cfg.straight_through)
+                              num_subcenters=cfg.num_subcenters, straight_through=cfg.straight_through,
+                              engine=cfg.engine, chunk_size=cfg.chunk_size,
+                              chunk_memory_mb=cfg.chunk_memory_mb, criterion=cfg.criterion)
         sharded = self.head.sharded_parameter_names() + self.head.sharded_buffer_names()
+        # the criterion's bias is all-reduced by the head itself
+        sharded += self.head.replicated_parameter_names()
         # DDP must neither broadcast nor average the per-rank shards.
         _compat.ignore_in_ddp(self, [f"head.{name}" for name in sharded])
 
@@ -153,12 +208,35 @@ class EmbeddingModule(pl.LightningModule):
             # negative sampling keyed by the step (and micro-batch): the same draws after a resume
             accumulate = max(int(self.trainer.accumulate_grad_batches), 1)
             self.head.sample_step = self.global_step * accumulate + batch_idx % accumulate
-        loss = self.head(self.backbone(images), labels)
+        if self.backbone_frozen() and not self._wrapped_in_ddp():
+            with torch.no_grad():  # one process: no backward through a frozen backbone
+                embeddings = self.backbone(images)
+        else:
+            embeddings = self.backbone(images)
+        loss = self.head(embeddings, labels)
         self.log("train/loss", loss, prog_bar=True)
         if _compat.attached_trainer(self) is not None and self.trainer.optimizers:
-            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]))
+            groups = self.trainer.optimizers[0].param_groups
+            self.log("train/lr", float(groups[-1]["lr"]))  # the head's (the last group)
+            if self.backbone_lr_scale != 1.0 or self.freeze_backbone_steps:
+                self.log("train/backbone_lr", 0.0 if self.backbone_frozen() else float(groups[0]["lr"]))
         self._log_throughput(images.shape[0])
         return loss
+
+    def backbone_frozen(self) -> bool:
+        """True during the first ``freeze_backbone_steps`` optimizer steps."""
+        return _compat.attached_trainer(self) is not None and self.global_step < self.freeze_backbone_steps
+
+    def _wrapped_in_ddp(self) -> bool:
+        trainer = _compat.attached_trainer(self)
+        return trainer is not None and isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning puts the whole module in train mode at every epoch start and after validation
+        if self.backbone_frozen():
+            self.backbone.eval()  # BatchNorm running statistics and dropout fixed
+        elif self.training and not self.backbone.training:
+            self.backbone.train()
 
     def _skip_batch(self, empty_here: bool, num_corrupt: int) -> Optional[torch.Tensor]:
         """What ``training_step`` returns for a batch that some rank cannot use (see the class doc)."""
@@ -234,6 +312,8 @@ class EmbeddingModule(pl.LightningModule):
                 raise ValueError("EmbeddingModule installs its own DDP communication hook (gradient sum); "
                                  "remove strategy.ddp_comm_hook")
             wrapped.register_comm_hook(state=None, hook=_allreduce_sum)
+        if self.init_centers == "class_mean" and not self.trainer.ckpt_path:  # a resume has its centers
+            init_centers_from_class_means(self)
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is not None:
@@ -243,6 +323,9 @@ class EmbeddingModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # runs after AMP's unscale and after DDP's all-reduce: the clip sees the true global gradient
+        if self.backbone_frozen():
+            for p in self.backbone.parameters():
+                p.grad = None  # the optimizer skips it: no update, weight decay or momentum
         if self.clip_backbone_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.clip_backbone_grad_norm)
 
@@ -322,6 +405,10 @@ class EmbeddingModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Dict[str, Any]:
         optimizer = self.optimizer_factory(self._param_groups())
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        for group in optimizer.param_groups:  # the scheduler takes these as its base learning rates
+            if self.backbone_lr_scale != 1.0 and any(id(p) in backbone_ids for p in group["params"]):
+                group["lr"] *= self.backbone_lr_scale
         total = max(int(self.trainer.estimated_stepping_batches), 1)  # also sets up the train dataloader
         schedule = self.build_schedule(total, self.steps_per_epoch())
         # a plain function, whose fields LambdaLR does not save: on resume the schedule is rebuilt from the

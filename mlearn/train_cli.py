@@ -22,6 +22,7 @@ epoch with no usable sample stops it naming the data.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -373,8 +374,11 @@ def check_head(model: EmbeddingModule) -> None:
     cfg = model.head_config
     try:
         with torch.random.fork_rng(devices=[]):
+            # a copy of the criterion: the stand-in's C=2 would otherwise re-initialise its bias
             PartialFC(cfg.margin, model.embedding_size, 2, sample_rate=cfg.sample_rate,
-                      num_subcenters=cfg.num_subcenters, straight_through=cfg.straight_through)
+                      num_subcenters=cfg.num_subcenters, straight_through=cfg.straight_through,
+                      engine=cfg.engine, chunk_size=cfg.chunk_size, chunk_memory_mb=cfg.chunk_memory_mb,
+                      criterion=copy.deepcopy(cfg.criterion))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model.head: {exc}") from None
 

@@ -172,3 +172,17 @@ def test_autocast_bf16_close_to_float32() -> None:
     assert mixed.item() == pytest.approx(exact.item(), rel=1e-2)
     assert ((x.grad - gx).norm() / gx.norm()).item() < 0.05
     assert ((head.weight.grad - gw).norm() / gw.norm()).item() < 0.05
+
+
+def test_head_config_selects_engine_and_chunk() -> None:
+    from mlearn.module import EmbeddingModule, HeadConfig
+
+    backbone = torch.nn.Linear(6, 8)
+    backbone.embedding_size = 8  # type: ignore[assignment]
+    config = HeadConfig(margin=ArcFace(), engine="dense", chunk_size=7, chunk_memory_mb=2.0)
+    module = EmbeddingModule(backbone, config, num_classes=20)
+    module.configure_model()
+    assert (module.head.engine, module.head.chunk_size, module.head.chunk_memory_mb) == ("dense", 7, 2.0)
+    bad = EmbeddingModule(backbone, HeadConfig(margin=ArcFace(), chunk_size=0), num_classes=20)
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        bad.configure_model()

@@ -41,6 +41,8 @@ TINY_KWARGS: Dict[str, Dict[str, Any]] = {
        for name in ("ecapa_tdnn_c512", "ecapa_tdnn_c1024")},
     "resnet_speaker": {"layers": [1, 1, 1, 1], "base_channels": 4, "embedding_size": 16, "num_mel_bins": 16},
     "resnet34_speaker": {"base_channels": 4, "embedding_size": 16, "num_mel_bins": 16},
+    **{name: {"base_channels": 2, "embedding_size": 16, "num_mel_bins": 16}
+       for name in ("resnet221_speaker", "resnet293_speaker")},
 }
 # Parameter counts of the reference implementations at their default sizes (insightface arcface_torch,
 # WeSpeaker); ours must be within 3%.
@@ -48,6 +50,7 @@ REFERENCE_PARAMS: Dict[str, float] = {
     "iresnet18": 24.0e6, "iresnet34": 34.1e6, "iresnet50": 43.6e6, "iresnet100": 65.2e6,
     "mbf": 2.06e6, "mbf_large": 6.31e6,
     "ecapa_tdnn_c512": 6.19e6, "ecapa_tdnn_c1024": 14.65e6, "resnet34_speaker": 6.63e6,
+    "resnet221_speaker": 23.79e6, "resnet293_speaker": 28.62e6,
 }
 
 

@@ -8,21 +8,21 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from data_utils import write_palette_rec
 
 from mlearn.data.images.bins import write_bin
 from mlearn.train_cli import build_cli, describe_run, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 FACE = ROOT / "configs" / "face"
-RECIPES = sorted(p.stem for p in FACE.glob("*.yaml") if p.stem != "quickstart")
+# finetune.yaml needs trained weights (model.init_from): built in test_finetune.py
+RECIPES = sorted(p.stem for p in FACE.glob("*.yaml") if p.stem not in ("quickstart", "finetune"))
 SOURCES = ("deepinsight/insightface", "mk-minchul/AdaFace", "fdbtrs/ElasticFace")
 
 # The values each recipe must hold, from the files its header cites (see the YAML comments):
@@ -57,13 +57,9 @@ OFFICIAL: Dict[str, Dict[str, Any]] = {
 }
 
 
-def write_rec(root: Path, classes: int = 4, per_class: int = 5, size: int = 112) -> Path:
-    return write_palette_rec(root, classes, per_class, size)
-
-
 @pytest.fixture(scope="module")
-def rec(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_rec(tmp_path_factory.mktemp("rec"))
+def rec(tiny_recordio: Callable) -> Path:
+    return tiny_recordio(classes=4, per_class=5, size=112)
 
 
 def test_every_official_recipe_is_listed() -> None:
@@ -169,3 +165,39 @@ def test_recipe_trains_on_a_generated_recordio_set(rec: Path, tmp_path: Path) ->
     assert checkpoint["global_step"] == 2
     assert checkpoint["state_dict"]["head.weight"].shape == (4, 512)
     assert checkpoint["FaceDataModule"] == {"seed": 0, "epoch": 1, "samples": 0, "global_batch": 8}
+
+
+CRITERIA = sorted((ROOT / "configs").glob("*/criteria/*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CRITERIA, ids=lambda p: f"{p.parent.parent.name}-{p.stem}")
+def test_criterion_override_builds_on_the_quickstart(path: Path, rec: Path, tmp_path: Path) -> None:
+    from mlearn.heads import build_criterion, build_margin, list_criteria
+
+    modality = path.parent.parent.name
+    assert {p.stem for p in path.parent.glob("*.yaml")} == set(list_criteria())
+    args = ["--config", str(ROOT / "configs" / modality / "quickstart.yaml"), "--config", str(path),
+            "--run_dir", str(tmp_path / "run")]
+    if modality == "speaker":  # parsed, then the head built (the corpus is tested in test_speaker_quickstart)
+        import contextlib
+        import io
+
+        from mlearn.cli import main
+        from mlearn.heads import PartialFC
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+            main(["train", *args, "--print_config"])
+        assert done.value.code in (0, None)
+        head = yaml.safe_load(out.getvalue())["model"]["head"]
+        spec = head["criterion"]
+        criterion = build_criterion(path.stem, **spec.get("init_args", {}))
+        margin = None if head["margin"] is None else build_margin("arcface", **head["margin"]["init_args"])
+        assert PartialFC(margin, 16, 10, criterion=criterion).criterion is criterion
+        return
+    cli = build_cli(args + ["--data.root", str(rec), "--data.synthetic", "null", "--data.image_size", "112"])
+    model = cli.model
+    model.configure_model()
+    assert type(model.head.criterion) is type(build_criterion(path.stem))
+    assert (model.head.margin is None) == model.head.criterion.own_margin

@@ -26,6 +26,7 @@ PROTOCOL_MODULES: Dict[str, str] = {
     "ijb": "mlearn.evaluation.protocols.ijb",
     "trials": "mlearn.evaluation.protocols.trials",
     "retrieval": "mlearn.evaluation.protocols.retrieval",
+    "own_data": "mlearn.evaluation.protocols.own_data",
 }
 PROTOCOL_TYPES = tuple(PROTOCOL_MODULES)
 _RUN_CACHE: ContextVar[Optional[Dict[Any, Any]]] = ContextVar("suite_run_cache", default=None)

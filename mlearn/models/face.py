@@ -1,11 +1,12 @@
 """Face backbones for aligned 112x112 crops: IResNet and MobileFaceNet (insightface arcface_torch layouts).
 
 Input: RGB float [B, 3, H, W] normalised as ``(x - 127.5) / 127.5``; output: raw embeddings [B, D].
+IResNet also covers AdaFace's IR nets (``identity_first_shortcut=True, affine_features=False``).
 """
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,9 +25,14 @@ def _conv_out(size: int, stride: int) -> int:
 
 
 class IBasicBlock(nn.Module):
-    """BN - conv3x3 - BN - PReLU - conv3x3(stride) - BN, plus the (projected) shortcut."""
+    """BN - conv3x3 - BN - PReLU - conv3x3(stride) - BN, plus the shortcut.
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+    The shortcut is a 1x1 conv + BN when the stride or width changes; with ``pool_shortcut`` a block
+    that keeps its width uses the parameter-free strided identity ``MaxPool2d(1, stride)`` instead
+    (AdaFace's rule; insightface projects whenever ``stride != 1``).
+    """
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, pool_shortcut: bool = False) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.BatchNorm2d(inplanes, eps=1e-5),
@@ -36,8 +42,10 @@ class IBasicBlock(nn.Module):
             nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
             nn.BatchNorm2d(planes, eps=1e-5),
         )
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
+        self.downsample: Optional[nn.Module] = None
+        if pool_shortcut and inplanes == planes and stride != 1:
+            self.downsample = nn.MaxPool2d(1, stride)
+        elif stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
                                             nn.BatchNorm2d(planes, eps=1e-5))
 
@@ -53,10 +61,14 @@ class IResNet(nn.Module):
     Stem conv3x3 (stride ``stem_stride``; insightface uses 1) + BN + PReLU, then one stage of
     IBasicBlocks per entry of ``layers`` with widths ``width * 2**i``, each stage starting with stride 2;
     neck BN2d - Dropout - Flatten - Linear - BatchNorm1d. As in insightface, the last BatchNorm1d's
-    scale is frozen at 1 (``features.weight.requires_grad = False``). ``input_size`` (square side)
+    scale is frozen at 1 (``features.weight.requires_grad = False``); ``affine_features=False`` drops
+    its scale and shift altogether (AdaFace). ``identity_first_shortcut`` makes the first block's
+    shortcut (same width, stride 2) a parameter-free strided identity (AdaFace) instead of a 1x1 conv +
+    BN (insightface). ``input_size`` (square side)
     sizes the Linear: 112 -> 7x7 after four stages. ``gradient_checkpointing`` recomputes each stage
     in the backward pass (training only) to save activation memory. Input: (x - 127.5) / 127.5, RGB.
-    Weights of insightface checkpoints load through :func:`convert_insightface_iresnet`.
+    Weights of insightface checkpoints load through :func:`convert_insightface_iresnet`;
+    ``mlearn import insightface|adaface`` converts whole checkpoints (mlearn/models/importers/).
     """
 
     input_spec = DEFAULT_IMAGE_SPEC
@@ -70,6 +82,8 @@ class IResNet(nn.Module):
         input_size: int = 112,
         stem_stride: int = 1,
         gradient_checkpointing: bool = False,
+        identity_first_shortcut: bool = False,
+        affine_features: bool = True,
     ) -> None:
         super().__init__()
         if not layers or any(n < 1 for n in layers):
@@ -85,22 +99,23 @@ class IResNet(nn.Module):
         inplanes, spatial = width, _conv_out(input_size, stem_stride)
         for i, blocks in enumerate(layers):
             planes = width * 2 ** i
-            stage = [IBasicBlock(inplanes, planes, stride=2)]
+            stage = [IBasicBlock(inplanes, planes, stride=2, pool_shortcut=identity_first_shortcut)]
             stage += [IBasicBlock(planes, planes) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*stage))
             inplanes, spatial = planes, _conv_out(spatial, 2)
         self.stages = nn.Sequential(*stages)
         self.neck = nn.Sequential(nn.BatchNorm2d(inplanes, eps=1e-5), nn.Dropout(dropout), nn.Flatten(),
                                   nn.Linear(inplanes * spatial * spatial, embedding_size))
-        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5, affine=affine_features)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, 0, 0.1)
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.constant_(module.weight, 1)
                 nn.init.constant_(module.bias, 0)
-        nn.init.constant_(self.features.weight, 1.0)
-        self.features.weight.requires_grad = False
+        if affine_features:
+            nn.init.constant_(self.features.weight, 1.0)
+            self.features.weight.requires_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, input_size, input_size] -> [B, embedding_size]."""
@@ -129,12 +144,14 @@ _INSIGHTFACE_IRESNET_PREFIXES = {"conv1.": "stem.0.", "bn1.": "stem.1.", "prelu.
 _BLOCK_BODY_INDEX = {"bn1": 0, "conv1": 1, "bn2": 2, "prelu": 3, "conv2": 4, "bn3": 5}
 
 
-def convert_insightface_iresnet(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def convert_insightface_iresnet(state_dict: Mapping[str, torch.Tensor], *,
+                                keep_unknown: bool = False) -> Dict[str, torch.Tensor]:
     """Rename an insightface ``iresnet`` state dict (``conv1``, ``layer1.0.bn1``, ``fc``...) to IResNet's.
 
     ``IResNet(layers, ...).load_state_dict(convert_insightface_iresnet(state))`` with
     ``state = torch.load("backbone.pth", weights_only=True)``.
-    Raises ``KeyError`` on a name it does not know.
+    Raises ``KeyError`` on a name it does not know, or passes it through unchanged with ``keep_unknown``
+    (for a caller that reports mismatching keys itself).
     """
     out: Dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
@@ -146,7 +163,10 @@ def convert_insightface_iresnet(state_dict: Mapping[str, torch.Tensor]) -> Dict[
             continue
         prefix = next((p for p in _INSIGHTFACE_IRESNET_PREFIXES if name.startswith(p)), None)
         if prefix is None:
-            raise KeyError(f"insightface iresnet: unexpected parameter '{name}'")
+            if not keep_unknown:
+                raise KeyError(f"insightface iresnet: unexpected parameter '{name}'")
+            out[name] = tensor
+            continue
         out[_INSIGHTFACE_IRESNET_PREFIXES[prefix] + name[len(prefix):]] = tensor
     return out
 

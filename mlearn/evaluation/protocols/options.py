@@ -50,6 +50,12 @@ KEY_TYPES: Dict[str, KeyType] = {
     "workers": KeyType(_int_at_least(0), "a non-negative integer"),
     **{key: _POSITIVE for key in ("nlist", "nprobe", "hnsw_m", "ef_search")},
     **{key: _POSITIVE_OR_NULL for key in ("as_norm_top_n", "cohort_utts_per_speaker", "max_trials")},
+    **{key: _PATH for key in ("folder", "pairs", "files_root")},
+    **{key: _POSITIVE_OR_NULL for key in ("max_impostors", "max_genuine")},
+    **{key: KeyType(_int_at_least(0), "a non-negative integer") for key in ("seed", "bootstrap")},
+    "fars": KeyType(lambda v: isinstance(v, list) and bool(v) and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in v),
+        "a non-empty list of rates in (0, 1), e.g. [0.01, 0.001, 0.0001]"),
 }
 
 
@@ -133,9 +139,40 @@ class RetrievalOptions:
         return {k: v for k, v in values.items() if v is not None}
 
 
-ProtocolOptions = Union[BinOptions, IJBOptions, TrialsOptions, RetrievalOptions]
+@dataclass(frozen=True)
+class OwnDataOptions:
+    """``type: own_data``: the user's files, exactly one of ``folder`` (``<folder>/<identity>/<file>``),
+    ``pairs`` (``path1 path2 label`` lines) or ``trials`` (a speaker trial list); list paths start at
+    ``files_root`` (default: the list's folder). See :mod:`mlearn.evaluation.protocols.own_data`."""
+
+    folder: Optional[str] = None
+    pairs: Optional[str] = None
+    trials: Optional[str] = None
+    files_root: Optional[str] = None
+    name: Optional[str] = None
+    max_impostors: Optional[int] = 1_000_000
+    max_genuine: Optional[int] = 1_000_000
+    seed: int = 0
+    fars: List[float] = field(default_factory=lambda: [0.01, 0.001, 0.0001])
+    bootstrap: int = 200
+    ks: List[int] = field(default_factory=lambda: [1, 5])
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("folder", "pairs", "trials") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"own_data protocol {self.name or ''}: set exactly one of folder, pairs, trials "
+                             f"(got {given or 'none'})".replace("  ", " "))
+        object.__setattr__(self, "fars", [float(f) for f in self.fars])
+
+    @property
+    def benchmark(self) -> str:
+        return self.name or Path(str(self.folder or self.pairs or self.trials)).stem or "own_data"
+
+
+ProtocolOptions = Union[BinOptions, IJBOptions, TrialsOptions, RetrievalOptions, OwnDataOptions]
 OPTIONS: Dict[str, Type[Any]] = {"bin": BinOptions, "ijb": IJBOptions, "trials": TrialsOptions,
-                                 "retrieval": RetrievalOptions}
+                                 "retrieval": RetrievalOptions, "own_data": OwnDataOptions}
 
 
 def accepted_keys(kind: str) -> List[str]:
