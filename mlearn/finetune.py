@@ -22,6 +22,7 @@ from torch import nn
 from mlearn import _compat
 from mlearn.heads import distributed as D
 from mlearn.inference import load_backbone
+from mlearn.models.importers.base import first_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def load_initial_backbone(init_from: str, backbone: Optional[nn.Module] = None
     loaded, input_spec, info = load_backbone(init_from)
     if backbone is None:
         return loaded.train(), dict(info["backbone"]), dict(input_spec)
-    problem = first_mismatch(loaded.state_dict(), backbone.state_dict())
+    problem = first_mismatch(loaded.state_dict(), backbone.state_dict(), expected_by="model.backbone")
     if problem is not None:
         raise ValueError(f"model.init_from {init_from}: its weights do not fit model.backbone "
                          f"({type(backbone).__name__}): {problem}; the weights are a "
@@ -57,18 +58,6 @@ def load_initial_backbone(init_from: str, backbone: Optional[nn.Module] = None
                     "module's preprocessing must match the pretrained model's", init_from,
                     _preprocessing(input_spec), _preprocessing(declared))
     return backbone, dict(info["backbone"]), dict(input_spec)
-
-
-def first_mismatch(theirs: Dict[str, torch.Tensor], ours: Dict[str, torch.Tensor]) -> Optional[str]:
-    """The first difference between two state dicts, in words (``None``: same keys and shapes)."""
-    for key, tensor in theirs.items():
-        if key not in ours:
-            return f"unexpected key '{key}'"
-        if tuple(tensor.shape) != tuple(ours[key].shape):
-            return (f"key '{key}' has shape {list(tensor.shape)}, model.backbone expects "
-                    f"{list(ours[key].shape)}")
-    missing = [key for key in ours if key not in theirs]
-    return f"missing key '{missing[0]}'" if missing else None
 
 
 def _preprocessing(spec: Dict[str, Any]) -> Dict[str, Any]:

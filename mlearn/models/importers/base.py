@@ -133,13 +133,15 @@ def import_checkpoint(family: str, checkpoint: PathLike, arch: str, output: Path
     return _write_model_dir(backbone.float().eval(), metadata, Path(output))
 
 
-def first_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """The first difference between a converted state dict and the backbone's, in words, or None."""
+def first_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                   expected_by: str = "the arch") -> Optional[str]:
+    """The first difference between a state dict and the one ``expected_by`` (a backbone) has, in
+    words, or None when keys and shapes agree."""
     for key, tensor in state.items():
         if key not in expected:
             return f"unexpected key '{key}'"
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            return (f"key '{key}' has shape {list(tensor.shape)}, the arch expects "
+            return (f"key '{key}' has shape {list(tensor.shape)}, {expected_by} expects "
                     f"{list(expected[key].shape)}")
     missing = [key for key in expected if key not in state]
     return f"missing key '{missing[0]}'" if missing else None
