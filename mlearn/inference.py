@@ -9,6 +9,10 @@ Trust (docs/security.md): a recorded ``class_path`` builds only a registered mle
 (``allow_any_class=True`` opts out) and checkpoints load with ``torch.load(weights_only=True)``
 (``unsafe=True`` opts out); ONNX and safetensors files are safe from strangers, TorchScript files
 are programs and are not.
+
+Why one module of ~510 lines: every format's loader goes through the same trust checks
+(``instantiate``, ``check_input_spec``) and returns the same ``Embedder``; keeping them together keeps
+those rules in one place.
 """
 from __future__ import annotations
 
