@@ -33,6 +33,16 @@ def _seed_everything() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """Tiny models on shared CPUs: OpenMP threads spin-wait for each other; one thread is far faster.
+    Use per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def ddp_run() -> Callable[..., list]:
     """:func:`ddp_utils.run_in_ddp`."""

@@ -1,5 +1,6 @@
-"""Tiny training sets written by the tests: ``write_palette_rec(root, ...)`` -> an insightface RecordIO
-folder (also the ``tiny_recordio`` fixture of ``tests/conftest.py``)."""
+"""Tiny files written by the tests: ``write_palette_rec(root, ...)`` -> an insightface RecordIO folder
+(also the ``tiny_recordio`` fixture of ``tests/conftest.py``); ``make_run(run, cls, init_args)`` -> a run
+dir holding a backbone checkpoint as ``mlearn train`` writes it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ from typing import Iterable, Sequence, Union
 
 import cv2
 import numpy as np
+import torch
 
 from mlearn.data.images.recordio import RecordIOWriter
 
@@ -34,3 +36,15 @@ def write_palette_rec(root: Path, classes: int, per_class: Union[int, Sequence[i
                 writer.add(CORRUPT_IMAGE if position in corrupt else image, label)
                 position += 1
     return root
+
+
+def make_run(run: Path, cls: type, init_args: dict) -> Path:
+    """A run dir holding ``checkpoints/last.ckpt`` as ``mlearn train`` writes it (backbone part only,
+    weights of ``cls(**init_args)`` drawn with seed 0)."""
+    torch.manual_seed(0)
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in cls(**init_args).state_dict().items()},
+                "hyper_parameters": {"backbone": {"class_path": f"mlearn.models.{cls.__name__}",
+                                                  "init_args": init_args}}},
+               run / "checkpoints" / "last.ckpt")
+    return run

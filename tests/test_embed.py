@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_utils import make_run
 
 from mlearn import cli
 from mlearn.embed import embed_to_files, list_inputs, read_image
@@ -19,16 +20,6 @@ from mlearn.models import ECAPA_TDNN, IResNet
 
 ROOT = Path(__file__).resolve().parents[1]
 FACE_ARGS = {"layers": [1, 1, 1, 1], "width": 8, "embedding_size": 32}
-
-
-def make_run(run: Path, cls, init_args) -> Path:
-    torch.manual_seed(0)
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in cls(**init_args).state_dict().items()},
-                "hyper_parameters": {"backbone": {"class_path": f"mlearn.models.{cls.__name__}",
-                                                  "init_args": init_args}}},
-               run / "checkpoints" / "last.ckpt")
-    return run
 
 
 @pytest.fixture(scope="module")

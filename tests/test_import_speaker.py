@@ -23,13 +23,7 @@ from mlearn.models.importers import get_importer
 from mlearn.models.importers.base import first_mismatch
 from mlearn.models.speaker import AttentiveStatsPool, ResNetSpeaker, _mean_std, audio_input_spec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------- reference: WeSpeaker's networks

@@ -20,14 +20,7 @@ from mlearn.models import (
     list_backbones,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models on shared CPUs: OpenMP threads spin-wait for each other; one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Small settings per registered name so that every forward/backward takes well under a second.
 FACE_TINY: Dict[str, Any] = {"input_size": 32, "embedding_size": 16}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from data_utils import make_run
 
 from mlearn import cli
 from mlearn.evaluation.metrics.thresholds import (
@@ -35,16 +35,6 @@ from mlearn.models import ECAPA_TDNN, IResNet
 
 FACE_ARGS = {"layers": [1, 1, 1, 1], "width": 8, "embedding_size": 32}
 AUDIO_ARGS = {"channels": 32, "mfa_channels": 48, "embedding_size": 16}
-
-
-def make_run(run: Path, cls, init_args) -> Path:
-    torch.manual_seed(0)
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in cls(**init_args).state_dict().items()},
-                "hyper_parameters": {"backbone": {"class_path": f"mlearn.models.{cls.__name__}",
-                                                  "init_args": init_args}}},
-               run / "checkpoints" / "last.ckpt")
-    return run
 
 
 def identity_embeddings(identities: int, per_identity: int, dim: int = 32, spread: float = 0.9,
