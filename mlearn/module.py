@@ -48,6 +48,13 @@ class HeadConfig:
     chunk_memory_mb: Optional[float] = None
     criterion: Union[Criterion, str, None] = None
 
+    def build(self, embedding_size: int, num_classes: int) -> PartialFC:
+        """The classifier these settings describe, for ``embedding_size`` D and ``num_classes`` C."""
+        return PartialFC(self.margin, embedding_size, num_classes, sample_rate=self.sample_rate,
+                         num_subcenters=self.num_subcenters, straight_through=self.straight_through,
+                         engine=self.engine, chunk_size=self.chunk_size, chunk_memory_mb=self.chunk_memory_mb,
+                         criterion=self.criterion)
+
 
 class EmbeddingModule(pl.LightningModule):
     """Train ``backbone`` so that its embeddings separate identities under a margin head.
@@ -182,11 +189,7 @@ class EmbeddingModule(pl.LightningModule):
         if self.head is not None:
             return
         _check_num_classes(self.num_classes)
-        cfg = self.head_config
-        self.head = PartialFC(cfg.margin, self.embedding_size, self.num_classes, sample_rate=cfg.sample_rate,
-                              num_subcenters=cfg.num_subcenters, straight_through=cfg.straight_through,
-                              engine=cfg.engine, chunk_size=cfg.chunk_size,
-                              chunk_memory_mb=cfg.chunk_memory_mb, criterion=cfg.criterion)
+        self.head = self.head_config.build(self.embedding_size, self.num_classes)
         sharded = self.head.sharded_parameter_names() + self.head.sharded_buffer_names()
         # the criterion's bias is all-reduced by the head itself
         sharded += self.head.replicated_parameter_names()

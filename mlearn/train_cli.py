@@ -32,6 +32,7 @@ import sys
 import tempfile
 import zipfile
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -369,16 +370,11 @@ def check_head(model: EmbeddingModule) -> None:
     fails here, before the run dir is written. (The real head is built at fit start, once the ranks
     exist, after Lightning has written config.yaml and label_map.json.) The global random state is
     left as it was."""
-    from mlearn.heads import PartialFC
-
     cfg = model.head_config
     try:
         with torch.random.fork_rng(devices=[]):
             # a copy of the criterion: the stand-in's C=2 would otherwise re-initialise its bias
-            PartialFC(cfg.margin, model.embedding_size, 2, sample_rate=cfg.sample_rate,
-                      num_subcenters=cfg.num_subcenters, straight_through=cfg.straight_through,
-                      engine=cfg.engine, chunk_size=cfg.chunk_size, chunk_memory_mb=cfg.chunk_memory_mb,
-                      criterion=copy.deepcopy(cfg.criterion))
+            replace(cfg, criterion=copy.deepcopy(cfg.criterion)).build(model.embedding_size, 2)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model.head: {exc}") from None
 
