@@ -116,6 +116,13 @@ def evaluate(argv: List[str]) -> int:
                              "(default: the list's folder)")
     parser.add_argument("--max-impostors", type=positive_int, default=1_000_000,
                         help="--folder: impostor pairs, a seeded uniform sample when there are more")
+    parser.add_argument("--all-pairs", action="store_true",
+                        help="--folder: every genuine and impostor pair, no sampling (over --max-impostors)")
+    parser.add_argument("--quality", nargs="+", choices=["head", "norm"], default=None,
+                        help="also quality-aware rows and curves (EDC and CR-FIQA ERC, docs/protocols.md g): "
+                             "head = the model's trained quality head, norm = the embedding-norm baseline")
+    parser.add_argument("--quality-fmrs", default="0.001,0.0001",
+                        help="--quality: target FMRs, comma-separated (each needs >= 10 / FMR impostors)")
     parser.add_argument("--fars", default="0.01,0.001,0.0001",
                         help="target FARs for TAR@FAR and thresholds (comma-separated)")
     parser.add_argument("--bootstrap", type=int, default=200,
@@ -132,6 +139,9 @@ def evaluate(argv: List[str]) -> int:
     from mlearn.inference import load_model
 
     model_path = Path(args.model)
+    if args.suite is not None and (args.quality or args.all_pairs):
+        raise UsageError("--quality / --all-pairs apply to --folder / --pairs / --trials; with --suite set "
+                         "quality: [head, norm] in the suite's own_data / bin entries")
     if args.suite is not None:
         suite: Any = Path(args.suite)
         if not Path(args.suite).is_file():
@@ -153,18 +163,27 @@ def _own_data_suite(args: argparse.Namespace) -> Tuple[Dict[str, Any], str]:
     if not path.exists():
         what = "folder <folder>/<identity>/<file>" if kind == "folder" else f"{kind} list"
         raise FileNotFoundError(f"--{kind} {path} not found (expected a {what})")
-    try:
-        fars = [float(f) for f in args.fars.split(",") if f.strip()]
-    except ValueError:
-        raise UsageError(f"--fars {args.fars!r}: expected comma-separated rates, e.g. 0.01,0.001") from None
+    fars, quality_fmrs = _rates(args.fars, "--fars"), _rates(args.quality_fmrs, "--quality-fmrs")
     if args.bootstrap < 0:
         raise UsageError(f"--bootstrap {args.bootstrap}: expected a non-negative integer")
     name = path.resolve().name if kind == "folder" else path.stem
     entry = {"type": "own_data", kind: str(path.resolve()), "name": name, "fars": fars,
              "bootstrap": args.bootstrap, "seed": args.seed, "max_impostors": args.max_impostors}
+    if args.all_pairs:
+        entry.update(max_impostors=None, max_genuine=None)
+    if args.quality:
+        entry.update(quality=args.quality, quality_fmrs=quality_fmrs)
     if args.files_root:
         entry["files_root"] = str(Path(args.files_root).resolve())
     return {"name": f"own_data_{name}", "protocols": [entry]}, name
+
+
+def _rates(text: str, flag: str) -> List[float]:
+    """Comma-separated rates of ``flag`` as floats (``UsageError`` when one is not a number)."""
+    try:
+        return [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated rates, e.g. 0.01,0.001") from None
 
 
 def export(argv: List[str]) -> int:
@@ -210,6 +229,8 @@ def export(argv: List[str]) -> int:
         stored = result.metadata["thresholds"]
         listed = ", ".join(f"FAR {float(k):g}: {v['threshold']:.4f}" for k, v in stored["far"].items())
         print(f"thresholds from {stored['source']} stored ({listed})")
+    if "quality" in result.metadata:
+        print(f"quality head ({result.metadata['quality']['method']}) exported: output 'quality' [B]")
     return 0
 
 
@@ -269,6 +290,9 @@ def embed(argv: List[str]) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--workers", type=positive_int, default=None,
                         help="image decoding threads (default: up to 4)")
+    parser.add_argument("--quality", nargs="?", const="head", default=None, choices=["head", "norm"],
+                        help="also write OUT.quality.npy (float32 [N]): the model's trained quality head "
+                             "(default) or the embedding norm baseline (norm, any model)")
     from mlearn.trust import add_trust_arguments
 
     add_trust_arguments(parser)
@@ -278,10 +302,12 @@ def embed(argv: List[str]) -> int:
 
     model = load_model(args.model, unsafe=args.unsafe_load, allow_any_class=args.allow_any_class)
     result, output = embed_to_files(model, args.input, args.output, batch_size=args.batch_size,
-                                    workers=args.workers)
+                                    workers=args.workers, quality=args.quality)
     stem = output.with_suffix("")
     print(f"embedded {len(result.ids)} inputs -> {output} {tuple(result.embeddings.shape)}, "
           f"ids in {stem}.ids.txt")
+    if result.quality is not None:
+        print(f"quality ({args.quality}) in {stem}.quality.npy")
     listed = f" listed in {stem}.errors.txt" if result.errors else ""
     print(f"{len(result.errors)} unreadable inputs{listed}")
     return 0

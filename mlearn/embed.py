@@ -5,7 +5,8 @@ Outputs, for ``--output OUT.npy``: ``OUT.npy`` (float32 [N, D], L2-normalised ro
 (one path per row, relative to the input folder / list folder, same order) and ``OUT.errors.txt``
 (``path<TAB>reason`` per unreadable input; empty when none). Unreadable inputs (for audio: also a wrong
 sample rate, several channels, shorter than one fbank frame) are skipped, not fatal, unless every
-input is: then the files are written and it is an error.
+input is: then the files are written and it is an error. With ``--quality head|norm`` also
+``OUT.quality.npy`` (float32 [N], same rows; see :meth:`mlearn.inference.Embedder.quality`).
 Imports no training code: with an ``.onnx`` model only numpy, OpenCV, onnxruntime and tqdm are loaded.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class EmbedResult:
     embeddings: np.ndarray
     ids: List[str]
     errors: List[Tuple[str, str]] = field(default_factory=list)
+    quality: Optional[np.ndarray] = None  # [N] float32 when asked for (``quality="head"`` / ``"norm"``)
 
 
 def list_inputs(source: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[Path, List[str]]:
@@ -81,19 +83,23 @@ def read_image(path: PathLike, size: Optional[Sequence[int]] = None) -> np.ndarr
 
 
 def embed_images(model: Union[Embedder, PathLike], root: PathLike, ids: Sequence[str], batch_size: int = 64,
-                 workers: Optional[int] = None, progress: Optional[bool] = None) -> EmbedResult:
+                 workers: Optional[int] = None, progress: Optional[bool] = None,
+                 quality: Optional[str] = None) -> EmbedResult:
     """Embed the images ``root / id`` in batches; unreadable ones go to ``errors``, not into the output.
 
     ``model``: an :class:`~mlearn.inference.Embedder` or anything :func:`mlearn.load_model` reads.
     ``workers``: decoding threads (default: up to 4). ``progress``: tqdm bar (default: on a terminal).
+    ``quality``: ``"head"`` / ``"norm"`` also fills ``EmbedResult.quality`` (see ``Embedder.quality``).
     """
     from tqdm import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
     embedder = model if isinstance(model, Embedder) else load_model(model)
+    if quality is not None:
+        embedder.check_quality(quality)  # a model without a head fails before any decoding
     if embedder.modality == "audio":
-        return embed_audio(embedder, root, ids, batch_size=batch_size, progress=progress)
+        return embed_audio(embedder, root, ids, batch_size=batch_size, progress=progress, quality=quality)
     root = Path(root)
     size = embedder.spec["input_size"]
     workers = workers or min(4, os.cpu_count() or 1)
@@ -119,9 +125,26 @@ def embed_images(model: Union[Embedder, PathLike], root: PathLike, ids: Sequence
                     ids_out.extend(rel for rel, _ in good)
                     yield np.stack([image for _, image in good])
 
-    raw = embed_batches(embedder, readable_batches(), flip=False, dim=embedder.embedding_size)
+    if quality is None:
+        raw, scores = embed_batches(embedder, readable_batches(), dim=embedder.embedding_size), None
+    else:
+        both = embed_batches(_QualityColumn(embedder, quality), readable_batches(), flip=False,
+                             dim=embedder.embedding_size + 1)
+        raw, scores = both[:, :-1], np.ascontiguousarray(both[:, -1])
     bar.close()
-    return EmbedResult(embeddings=l2_normalize(raw), ids=ids_out, errors=errors)
+    return EmbedResult(embeddings=l2_normalize(raw), ids=ids_out, errors=errors, quality=scores)
+
+
+class _QualityColumn:
+    """An embedder whose ``embed(batch, normalize=False)`` returns [N, D + 1]: the raw embeddings and
+    the quality by ``method`` as the last column (so batch-wise helpers carry the quality along)."""
+
+    def __init__(self, model: Embedder, method: str) -> None:
+        self.model, self.method, self.spec = model, method, model.spec
+
+    def embed(self, batch: Any, normalize: bool = False) -> np.ndarray:
+        raw, quality = self.model.embed(batch, normalize=False, with_quality=self.method)
+        return np.concatenate([raw, np.asarray(quality, np.float32)[:, None]], axis=1)
 
 
 def _reason(exc: BaseException) -> str:
@@ -130,25 +153,29 @@ def _reason(exc: BaseException) -> str:
 
 
 def embed_audio(model: Embedder, root: PathLike, ids: Sequence[str], batch_size: int = 64,
-                progress: Optional[bool] = None) -> EmbedResult:
+                progress: Optional[bool] = None, quality: Optional[str] = None) -> EmbedResult:
     """Whole utterances ``root / id`` (16 kHz mono wav/flac) -> the recorded Kaldi fbank front-end ->
-    L2-normalised embeddings; unreadable files go to ``errors``."""
+    L2-normalised embeddings; unreadable files go to ``errors``. ``quality``: see :func:`embed_images`."""
     from mlearn.inference_audio import embed_wavs
 
     root = Path(root)
-    vectors, ok, failures = embed_wavs(model, [root / rel for rel in ids], batch_size=batch_size,
+    source = model if quality is None else _QualityColumn(model, quality)
+    vectors, ok, failures = embed_wavs(source, [root / rel for rel in ids], batch_size=batch_size,
                                        desc="embed", progress=progress is not False)
-    embeddings = l2_normalize(vectors["model"][ok]) if ok.any() else np.zeros((0, model.embedding_size))
+    width = model.embedding_size + (0 if quality is None else 1)
+    raw = vectors["model"][ok] if ok.any() else np.zeros((0, width), np.float32)
+    scores = None if quality is None else np.ascontiguousarray(raw[:, -1], dtype=np.float32)
+    embeddings = l2_normalize(raw if quality is None else raw[:, :-1])
     errors = [(rel, failures[str(root / rel)]) for rel, good in zip(ids, ok) if not good]
     return EmbedResult(embeddings=embeddings.astype(np.float32),
-                       ids=[rel for rel, good in zip(ids, ok) if good], errors=errors)
+                       ids=[rel for rel, good in zip(ids, ok) if good], errors=errors, quality=scores)
 
 
-def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_size: int = 64,
+def embed_to_files(model: Union[Embedder, PathLike], source: PathLike, output: PathLike, batch_size: int = 64,
                    workers: Optional[int] = None, progress: Optional[bool] = None,
-                   ) -> Tuple[EmbedResult, Path]:
+                   quality: Optional[str] = None) -> Tuple[EmbedResult, Path]:
     """:func:`list_inputs` + :func:`embed_images`, written as ``OUT.npy``, ``OUT.ids.txt`` and
-    ``OUT.errors.txt``.
+    ``OUT.errors.txt`` (and ``OUT.quality.npy``, float32 [N], with ``quality="head"`` / ``"norm"``).
 
     Returns the result and the ``.npy`` path (``.npy`` is appended to ``output`` when missing). When
     no input at all can be read the three files are still written and ``ValueError`` names the input,
@@ -156,8 +183,11 @@ def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_si
     """
     # fail on a bad model before listing thousands of files; an Embedder passes through (CLI trust flags)
     embedder = model if isinstance(model, Embedder) else load_model(model)
+    if quality is not None:
+        embedder.check_quality(quality)  # no quality head: one line, before listing the inputs
     root, ids = list_inputs(source, AUDIO_EXTENSIONS if embedder.modality == "audio" else IMAGE_EXTENSIONS)
-    result = embed_images(embedder, root, ids, batch_size=batch_size, workers=workers, progress=progress)
+    result = embed_images(embedder, root, ids, batch_size=batch_size, workers=workers, progress=progress,
+                          quality=quality)
     bad = int((~np.isfinite(result.embeddings)).any(axis=1).sum())
     if bad:  # nothing is written: NaN rows would look like embeddings to whoever reads OUT.npy
         named = getattr(model, "path", None) if isinstance(model, Embedder) else model
@@ -171,6 +201,8 @@ def embed_to_files(model: PathLike, source: PathLike, output: PathLike, batch_si
     stem = output.with_suffix("")
     Path(f"{stem}.ids.txt").write_text("".join(f"{rel}\n" for rel in result.ids))
     Path(f"{stem}.errors.txt").write_text("".join(f"{rel}\t{reason}\n" for rel, reason in result.errors))
+    if result.quality is not None:
+        np.save(f"{stem}.quality.npy", result.quality.astype(np.float32))
     if not result.ids:
         from mlearn.data import summarize_failures
 

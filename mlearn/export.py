@@ -21,6 +21,14 @@ model (:func:`mlearn.evaluation.protocols.own_data.read_thresholds`), which
 Axes: batch is dynamic; audio models (input fbank ``[B, T, num_mel_bins]``) also have a dynamic
 ``frames`` axis. ONNX/TorchScript outputs are raw (un-normalised) embeddings.
 
+Quality head (a model trained with ``model.quality``, :mod:`mlearn.quality`): ONNX and TorchScript get a
+second output ``quality`` [B] (the head on the raw embedding), safetensors stores the head's weights as
+``quality_head.*``, and the metadata gets ``quality`` = ``{"method", "output": "quality"}`` (absent for a
+model without a head, whose exports are unchanged). Its parity check: max abs diff of the quality
+output, divided by max(1, max |reference quality|) (a trained head's quality is of order 1, so this is
+the plain abs diff; an untrained head on raw embeddings of norm ~1000 would otherwise fail on float32
+rounding alone), within the same tolerance as the embeddings.
+
 fp16: weights and compute are float16 but the exported ONNX/TorchScript model keeps float32 input and
 output (casts inside the graph), so it is a drop-in for the fp32 one. Its parity reference is always
 the float32 PyTorch model (what users care about; torch on CPU may lack float16 kernels anyway), with
@@ -37,7 +45,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,6 +53,8 @@ from torch import nn
 
 from mlearn import __version__
 from mlearn.inference import (
+    QUALITY_OUTPUT,
+    QUALITY_PREFIX,
     TORCHSCRIPT_METADATA_FILE,
     Embedder,
     l2_normalize,
@@ -78,18 +88,23 @@ class ParityReport:
     tolerance: float
     raw_relative_diff: float
     min_cosine_required: float = MIN_COSINE[False]
+    quality_max_abs_diff: Optional[float] = None  # quality output / max(1, max |q|); None: no quality head
 
     @property
     def passed(self) -> bool:
         # NaN fails; so does an all-zero embedding (cosine 0), which would make the diff vacuously small
-        return bool(self.max_abs_diff <= self.tolerance and self.min_cosine >= self.min_cosine_required)
+        quality_ok = self.quality_max_abs_diff is None or bool(self.quality_max_abs_diff <= self.tolerance)
+        return bool(self.max_abs_diff <= self.tolerance and self.min_cosine >= self.min_cosine_required
+                    and quality_ok)
 
     def __str__(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
+        quality = "" if self.quality_max_abs_diff is None else (
+            f", quality max abs diff {self.quality_max_abs_diff:.3e} (tolerance {self.tolerance:.0e})")
         return (f"parity {verdict}: max abs diff {self.max_abs_diff:.3e} of L2-normalised embeddings "
                 f"(tolerance {self.tolerance:.0e}), min cosine {self.min_cosine:.6f} "
                 f"(required >= {self.min_cosine_required}), "
-                f"raw max diff / max |x| {self.raw_relative_diff:.1e}")
+                f"raw max diff / max |x| {self.raw_relative_diff:.1e}{quality}")
 
 
 @dataclass
@@ -136,11 +151,15 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
                          f"{default_output(Path(model), format, fp16)}")
     backbone, spec, info = load_backbone(checkpoint, unsafe=unsafe, allow_any_class=allow_any_class)
     backbone = backbone.float().eval()
+    head = info.get("quality_head")
+    net = backbone if head is None else WithQuality(backbone, head.float().eval())
     record = _thresholds_for(backbone, spec, thresholds, thresholds_benchmark) if thresholds else None
     output.parent.mkdir(parents=True, exist_ok=True)
     audio = spec.get("modality") == "audio"
     input_axes = {0: "batch", 1: "frames"} if audio else {0: "batch"}
     dynamic_axes = {INPUT_NAME: input_axes, OUTPUT_NAME: {0: "batch"}}
+    if head is not None:
+        dynamic_axes[QUALITY_OUTPUT] = {0: "batch"}
     metadata = {
         "input_spec": spec,
         "embedding_size": int(backbone.embedding_size),
@@ -155,14 +174,16 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
     }
     if record is not None:
         metadata["thresholds"] = record
-    to_export = copy.deepcopy(backbone).half() if fp16 else backbone
+    if head is not None:
+        metadata["quality"] = info["quality"]
+    to_export = copy.deepcopy(net).half() if fp16 else net
     example = torch.from_numpy(_example_input(spec, batch=2, frames=EXPORT_FRAMES))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based ONNX exporter, torch.jit
         warnings.simplefilter("ignore", FutureWarning)
         _WRITERS[format](to_export, fp16, example, output, metadata, opset=opset, dynamic_axes=dynamic_axes)
     exported = load_model(output, device="cpu", allow_any_class=allow_any_class)
-    report = check_parity(backbone, exported, fp16=fp16, batch=parity_batch)
+    report = check_parity(backbone, exported, fp16=fp16, batch=parity_batch, quality_head=head)
     log.debug("%s %s", output, report)
     if not report.passed:
         failed = output.with_name(output.name + ".failed")
@@ -190,28 +211,48 @@ def export_onnx(model: PathLike, output: Optional[PathLike] = None, opset: int =
 
 
 def check_parity(backbone: nn.Module, exported: Embedder, fp16: bool = False, batch: int = 3,
-                 seed: int = 0) -> ParityReport:
+                 seed: int = 0, quality_head: Optional[nn.Module] = None) -> ParityReport:
     """Embed one random batch with the float32 PyTorch ``backbone`` and with ``exported``.
 
     Both see the same preprocessed input (``exported.preprocess``: the recorded spec); images are
     random uint8 RGB at the spec's size, audio random fbank features of :data:`PARITY_FRAMES` frames.
+    With ``quality_head`` the exported quality output is compared too (``exported.quality``).
     """
     raw_inputs = _random_batch(exported.spec, batch, seed)
     with torch.inference_mode():
-        reference = backbone.float().eval()(torch.from_numpy(exported.preprocess(raw_inputs))).numpy()
-    candidate = exported.embed(raw_inputs, normalize=False)
+        reference_t = backbone.float().eval()(torch.from_numpy(exported.preprocess(raw_inputs)))
+        ref_quality = None if quality_head is None else quality_head.float().eval()(reference_t).numpy()
+        reference = reference_t.numpy()
+    if quality_head is None:
+        candidate, quality = exported.embed(raw_inputs, normalize=False), None
+    else:
+        candidate, quality = exported.embed(raw_inputs, normalize=False, with_quality=True)
     nan = float("nan")
     finite = np.isfinite(reference).all() and np.isfinite(candidate).all()
     if candidate.shape != reference.shape or not finite:
         # non-finite outputs (e.g. float16 overflow) or a wrong shape: NaN fails the check
         return ParityReport(max_abs_diff=nan, min_cosine=nan, tolerance=TOLERANCE[fp16],
-                            raw_relative_diff=nan, min_cosine_required=MIN_COSINE[fp16])
+                            raw_relative_diff=nan, min_cosine_required=MIN_COSINE[fp16],
+                            quality_max_abs_diff=None if quality_head is None else nan)
     reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
     unit_ref, unit_exp = l2_normalize(reference), l2_normalize(candidate)
     raw = float(np.abs(reference - candidate).max() / max(float(np.abs(reference).max()), 1e-12))
     return ParityReport(max_abs_diff=float(np.abs(unit_ref - unit_exp).max()),
                         min_cosine=float((unit_ref * unit_exp).sum(1).min()), tolerance=TOLERANCE[fp16],
-                        raw_relative_diff=raw, min_cosine_required=MIN_COSINE[fp16])
+                        raw_relative_diff=raw, min_cosine_required=MIN_COSINE[fp16],
+                        quality_max_abs_diff=_quality_diff(ref_quality, quality))
+
+
+def _quality_diff(reference: Optional[np.ndarray], candidate: Optional[np.ndarray]) -> Optional[float]:
+    """max |reference - candidate| / max(1, max |reference|) of two quality outputs [N]; NaN when they do
+    not match in shape or are not finite; None without a reference (no quality head)."""
+    if reference is None:
+        return None
+    ref = np.asarray(reference, np.float64).reshape(-1)
+    cand = np.asarray(candidate if candidate is not None else [], np.float64).reshape(-1)
+    if ref.shape != cand.shape or not (np.isfinite(ref).all() and np.isfinite(cand).all()):
+        return float("nan")
+    return float(np.abs(ref - cand).max() / max(1.0, float(np.abs(ref).max())))
 
 
 def default_output(model: Path, format: str, fp16: bool) -> Path:
@@ -225,6 +266,20 @@ def default_output(model: Path, format: str, fp16: bool) -> Path:
 # ------------------------------------------------------------------------------------------ writers
 
 
+class WithQuality(nn.Module):
+    """Backbone + quality head: input -> (raw embedding [B, D], quality [B]), the two exported outputs."""
+
+    def __init__(self, backbone: nn.Module, quality_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.quality_head = quality_head
+        self.embedding_size = getattr(backbone, "embedding_size", None)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.backbone(x)
+        return embedding, self.quality_head(embedding)
+
+
 class Float32IO(nn.Module):
     """Runs a float16 network on float32 inputs and returns float32 outputs (casts inside the graph)."""
 
@@ -233,15 +288,24 @@ class Float32IO(nn.Module):
         self.net = net
         self.embedding_size = getattr(net, "embedding_size", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.half()).float()
+    def forward(self, x: torch.Tensor) -> Any:
+        out = self.net(x.half())
+        if isinstance(out, tuple):  # WithQuality: (embedding, quality)
+            return tuple(o.float() for o in out)
+        return out.float()
+
+
+def _output_names(net: nn.Module) -> List[str]:
+    inner = net.net if isinstance(net, Float32IO) else net
+    return [OUTPUT_NAME, QUALITY_OUTPUT] if isinstance(inner, WithQuality) else [OUTPUT_NAME]
 
 
 def _write_onnx(backbone: nn.Module, fp16: bool, example: torch.Tensor, path: Path, metadata: Dict[str, Any],
                 opset: int, dynamic_axes: Dict[str, Dict[int, str]]) -> None:
     net = Float32IO(backbone) if fp16 else backbone
-    torch.onnx.export(net.eval(), (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
+    torch.onnx.export(net.eval(), (example,), str(path), input_names=[INPUT_NAME],
+                      output_names=_output_names(net), dynamic_axes=dynamic_axes, opset_version=opset,
+                      dynamo=False)
     import onnx
 
     proto = onnx.load(str(path))
@@ -264,7 +328,11 @@ def _write_safetensors(backbone: nn.Module, fp16: bool, example: torch.Tensor, p
                        metadata: Dict[str, Any], opset: int, dynamic_axes: Dict[str, Dict[int, str]]) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
+    tensors = dict(backbone.state_dict())
+    if isinstance(backbone, WithQuality):  # backbone weights unprefixed (as without a head) + quality_head.*
+        tensors = dict(backbone.backbone.state_dict())
+        tensors.update({QUALITY_PREFIX + k: v for k, v in backbone.quality_head.state_dict().items()})
+    state = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     save_file(state, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 

@@ -10,7 +10,12 @@ Trust (docs/security.md): a recorded ``class_path`` builds only a registered mle
 (``unsafe=True`` opts out); ONNX and safetensors files are safe from strangers, TorchScript files
 are programs and are not.
 
-Why one module of ~510 lines: every format's loader goes through the same trust checks
+Quality (issue 20): a model trained with ``model.quality`` carries a quality head (one linear unit on the
+raw embedding); every format keeps it (ONNX/TorchScript: a second output ``quality`` [B]; safetensors and
+checkpoints: the ``quality_head.`` weights) and ``Embedder.quality(batch)`` returns it. The embedding
+norm (``method="norm"``, AdaFace/MagFace style) is the baseline any model gives.
+
+Why one module of ~600 lines: every format's loader goes through the same trust checks
 (``instantiate``, ``check_input_spec``) and returns the same ``Embedder``; keeping them together keeps
 those rules in one place.
 """
@@ -32,6 +37,9 @@ CHECKPOINT_NAMES = ("last.ckpt",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".jit", ".torchscript")
 TORCHSCRIPT_METADATA_FILE = "mlearn.json"
 MODEL_DIR_WEIGHTS = "backbone.safetensors"  # a model directory (``mlearn import``): weights + metadata
+QUALITY_OUTPUT = "quality"  # the quality output's name in exports and in the ``quality`` metadata
+QUALITY_PREFIX = "quality_head."  # quality head weights in checkpoints and safetensors exports
+QUALITY_CHOICES = ("head", "norm")  # Embedder.quality methods: the trained head, the embedding norm
 
 
 
@@ -153,12 +161,19 @@ class Embedder:
 
     Attributes: ``spec`` (the input spec), ``embedding_size``, ``metadata`` (everything recorded at
     export, ``thresholds`` included when exported with ``--thresholds``; for a checkpoint, the same keys
-    rebuilt from it), ``modality`` (``image`` / ``audio``).
+    rebuilt from it), ``modality`` (``image`` / ``audio``), ``has_quality`` (a trained quality head),
+    ``source`` (the file it came from, for messages).
     """
 
     spec: Dict[str, Any]
     metadata: Dict[str, Any]
     embedding_size: int
+    source: str = "in memory"
+
+    @property
+    def has_quality(self) -> bool:
+        """True when the model carries a trained quality head (``metadata["quality"]``)."""
+        return False
 
     @property
     def modality(self) -> str:
@@ -170,12 +185,19 @@ class Embedder:
             return preprocess_features(batch, self.spec)
         return preprocess_images(batch, self.spec)
 
-    def embed(self, batch: Any, normalize: bool = True) -> np.ndarray:
+    def embed(self, batch: Any, normalize: bool = True, with_quality: Union[bool, str] = False) -> Any:
         """``batch``: one or N uint8 RGB images (HWC or CHW; numpy or tensor; values 0-255), resized if
         needed; for audio models finite float fbank features [N, T, F] ([T, F] for one), or raw 16 kHz
         waveforms: one 1-D array or a list of them (float in [-1, 1] or int16, any lengths; see
         :meth:`embed_waveforms`). Other dtypes (float, uint16, bool images; integer or NaN features) and
-        shapes raise ``ValueError``. Returns float32 [N, D], L2-normalised unless ``normalize=False``."""
+        shapes raise ``ValueError``. Returns float32 [N, D], L2-normalised unless ``normalize=False``.
+
+        ``with_quality``: True (or ``"head"``) / ``"norm"``: returns ``(embeddings [N, D], quality [N])``
+        from one forward pass; see :meth:`quality`."""
+        if with_quality is not False:
+            method = self.check_quality("head" if with_quality is True else with_quality)
+            raw, quality = self._embed_with_quality(batch, method)
+            return (l2_normalize(raw) if normalize else raw), quality
         if self.modality == "audio":
             from mlearn.inference_audio import is_waveform_input
 
@@ -183,6 +205,42 @@ class Embedder:
                 return self.embed_waveforms(batch, normalize=normalize)
         out = np.asarray(self.forward(self.preprocess(batch)), dtype=np.float32)
         return l2_normalize(out) if normalize else out
+
+    def quality(self, batch: Any, method: str = "head") -> np.ndarray:
+        """Quality [N] float32 of ``batch`` (whatever :meth:`embed` takes); higher is better.
+
+        ``method``: ``"head"`` the trained quality head (CR-FIQA, :mod:`mlearn.quality`; a model without
+        one raises ``ValueError``), ``"norm"`` the L2 norm of the raw embedding (AdaFace/MagFace-style
+        baseline, any model)."""
+        return self.embed(batch, normalize=False, with_quality=method)[1]
+
+    def check_quality(self, method: Any) -> str:
+        """``method`` if this model can give quality by it, else ``ValueError`` (one line naming the model
+        and the options)."""
+        if method not in QUALITY_CHOICES:
+            raise ValueError(f"quality method {method!r}: expected one of {', '.join(QUALITY_CHOICES)}")
+        if method == "head" and not self.has_quality:
+            raise ValueError(f"model {self.source} has no quality head (trained without model.quality); use "
+                             "method='norm' (mlearn embed --quality norm) for the embedding-norm baseline")
+        return str(method)
+
+    def _embed_with_quality(self, batch: Any, method: str) -> Tuple[np.ndarray, np.ndarray]:
+        """Raw embeddings [N, D] and quality [N] (float32) of ``batch`` by ``method``."""
+        def both(inputs: np.ndarray) -> np.ndarray:  # [N, D + 1]: quality as the last column
+            raw, quality = self.forward_quality(inputs) if method == "head" else (self.forward(inputs), None)
+            raw = np.asarray(raw, np.float32)
+            if quality is None:
+                quality = np.sqrt(np.einsum("ij,ij->i", raw, raw, dtype=np.float64))
+            return np.concatenate([raw, np.asarray(quality, np.float32).reshape(-1, 1)], axis=1)
+
+        if self.modality == "audio":
+            from mlearn.inference_audio import embed_waveforms, is_waveform_input
+
+            if is_waveform_input(batch):
+                out = embed_waveforms(lambda feats: both(self.preprocess(feats)), batch, self.spec)
+                return out[:, :-1], out[:, -1]
+        out = both(self.preprocess(batch))
+        return out[:, :-1], out[:, -1]
 
     def embed_waveforms(self, waveforms: Any, sample_rate: int = 16000, normalize: bool = True,
                         batch_size: int = 64) -> np.ndarray:
@@ -226,26 +284,61 @@ class Embedder:
         """Preprocessed float32 inputs -> raw embeddings [N, D]."""
         raise NotImplementedError
 
+    def forward_quality(self, inputs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Preprocessed float32 inputs -> (raw embeddings [N, D], quality head output [N])."""
+        raise ValueError(f"model {self.source} has no quality head")
+
 
 class TorchEmbedder(Embedder):
-    """A PyTorch module (eager backbone or TorchScript) and its preprocessing."""
+    """A PyTorch module (eager backbone or TorchScript) and its preprocessing.
+
+    Quality: ``quality_head`` (eager: applied to the raw embedding), or a TorchScript export whose
+    module returns ``(embedding, quality)`` (its metadata has ``quality``)."""
 
     def __init__(self, backbone: Any, spec: Dict[str, Any], device: Optional[str] = None,
-                 metadata: Optional[Dict[str, Any]] = None) -> None:
+                 metadata: Optional[Dict[str, Any]] = None, quality_head: Any = None,
+                 source: Optional[PathLike] = None) -> None:
         import torch
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backbone = backbone.to(self.device).eval()
+        self.quality_head = None if quality_head is None else quality_head.to(self.device).float().eval()
         self.spec = dict(spec)
         self.metadata = dict(metadata or {"input_spec": self.spec})
         size = getattr(backbone, "embedding_size", 0) or self.metadata.get("embedding_size", 0)
         self.embedding_size = int(size)
+        if source is not None:
+            self.source = str(source)
+
+    @property
+    def has_quality(self) -> bool:
+        return self.quality_head is not None or isinstance(self.metadata.get("quality"), dict)
+
+    def _run(self, inputs: np.ndarray) -> Tuple[Any, Any]:
+        """(raw embeddings, the module's quality output or None), as float32 tensors."""
+        import torch
+
+        out = self.backbone(torch.from_numpy(inputs).to(self.device))
+        if isinstance(out, (tuple, list)):  # a TorchScript export with the quality output
+            return out[0].float(), out[1].float()
+        return out.float(), None
 
     def forward(self, inputs: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            return self.backbone(torch.from_numpy(inputs).to(self.device)).float().cpu().numpy()
+            return self._run(inputs)[0].cpu().numpy()
+
+    def forward_quality(self, inputs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            raw, quality = self._run(inputs)
+            if quality is None:
+                if self.quality_head is None:
+                    return super().forward_quality(inputs)
+                quality = self.quality_head(raw)
+            return raw.cpu().numpy(), quality.float().reshape(-1).cpu().numpy()
 
 
 class OnnxEmbedder(Embedder):
@@ -269,11 +362,27 @@ class OnnxEmbedder(Embedder):
         node = self.session.get_inputs()[0]
         self.input_name = node.name
         self.input_dtype = np.float16 if node.type == "tensor(float16)" else np.float32
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = outputs[0]
+        self.quality_name = QUALITY_OUTPUT if QUALITY_OUTPUT in outputs[1:] else None
+        self.source = str(self.path)
         size = self.metadata.get("embedding_size", 0) or self.session.get_outputs()[0].shape[-1]
         self.embedding_size = int(size) if isinstance(size, (int, str)) and str(size).isdigit() else 0
 
+    @property
+    def has_quality(self) -> bool:
+        return self.quality_name is not None
+
     def forward(self, inputs: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: inputs.astype(self.input_dtype, copy=False)})[0]
+        feed = {self.input_name: inputs.astype(self.input_dtype, copy=False)}
+        return self.session.run([self.output_name], feed)[0]
+
+    def forward_quality(self, inputs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        if self.quality_name is None:
+            return super().forward_quality(inputs)
+        feed = {self.input_name: inputs.astype(self.input_dtype, copy=False)}
+        raw, quality = self.session.run([self.output_name, self.quality_name], feed)
+        return raw, np.asarray(quality, np.float32).reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -303,16 +412,20 @@ def load_model(path: PathLike, device: Optional[str] = None, *, unsafe: bool = F
     if suffix == ".onnx":
         return OnnxEmbedder(path)
     if suffix == ".safetensors":
-        backbone, metadata = load_safetensors(path, allow_any_class=allow_any_class)
-        return TorchEmbedder(backbone, metadata["input_spec"], device=device, metadata=metadata)
+        backbone, metadata, head = load_safetensors(path, allow_any_class=allow_any_class)
+        return TorchEmbedder(backbone, metadata["input_spec"], device=device, metadata=metadata,
+                             quality_head=head, source=path)
     if suffix in TORCHSCRIPT_SUFFIXES:
         module, metadata = load_torchscript(path, device=device)
         spec = check_input_spec(metadata.get("input_spec", DEFAULT_IMAGE_SPEC), path)
-        return TorchEmbedder(module, spec, device=device, metadata=metadata)
+        return TorchEmbedder(module, spec, device=device, metadata=metadata, source=path)
     backbone, spec, info = load_backbone(path, unsafe=unsafe, allow_any_class=allow_any_class)
     metadata = {"input_spec": spec, "embedding_size": int(backbone.embedding_size),
                 "backbone": info["backbone"], "config_hash": info["config_hash"]}
-    return TorchEmbedder(backbone, spec, device=device, metadata=metadata)
+    if info.get("quality"):
+        metadata["quality"] = info["quality"]
+    return TorchEmbedder(backbone, spec, device=device, metadata=metadata,
+                         quality_head=info.get("quality_head"), source=path)
 
 
 def load_torchscript(path: PathLike, device: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
@@ -354,11 +467,13 @@ def read_safetensors_metadata(path: PathLike) -> Dict[str, Any]:
     return {k: _json_or_str(v) for k, v in raw.items()}
 
 
-def load_safetensors(path: PathLike, *, allow_any_class: bool = False) -> Tuple[Any, Dict[str, Any]]:
+def load_safetensors(path: PathLike, *, allow_any_class: bool = False) -> Tuple[Any, Dict[str, Any], Any]:
     """Rebuild the backbone recorded in a safetensors file's metadata and load its weights (as float32).
 
     The recorded ``class_path`` must be a registered mlearn backbone unless ``allow_any_class``
-    (see :func:`mlearn.trust.resolve_backbone_spec`); nothing named by the file is imported.
+    (see :func:`mlearn.trust.resolve_backbone_spec`); nothing named by the file is imported. Returns
+    ``(backbone, metadata, quality head or None)``: weights named ``quality_head.*`` rebuild the quality
+    head (and ``metadata["quality"]`` then says so).
     """
     from safetensors.torch import load_file
 
@@ -372,11 +487,15 @@ def load_safetensors(path: PathLike, *, allow_any_class: bool = False) -> Tuple[
         state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - a truncated tensor section
         raise ValueError(f"{path}: cannot read the weights ({_first_line(exc)})") from None
+    state, head_state = split_quality_state(state)
     _load_weights(backbone, state, path)  # copy_ casts fp16 weights into the fp32 module
     backbone.eval()
+    head = build_quality_head(head_state, path) if head_state else None
+    if head is not None:
+        metadata["quality"] = quality_metadata(metadata.get("quality"))
     metadata["input_spec"] = check_input_spec(
         metadata.get("input_spec", dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC))), path)
-    return backbone, metadata
+    return backbone, metadata, head
 
 
 def resolve_checkpoint(path: PathLike, *, unsafe: bool = False) -> Path:
@@ -407,16 +526,19 @@ def load_backbone(path: PathLike, *, unsafe: bool = False,
     its trained weights.
 
     Returns ``(backbone in eval mode, input_spec, info)`` where ``info`` has ``backbone`` (the
-    class_path/init_args spec), ``checkpoint`` path and ``config_hash``. The checkpoint loads with
+    class_path/init_args spec), ``checkpoint`` path, ``config_hash``, and for a model trained with a
+    quality head ``quality_head`` (the module, float32, eval) and ``quality`` (the metadata record:
+    ``{"method", "output"}``); both None otherwise. The checkpoint loads with
     :func:`mlearn.trust.load_checkpoint` (``unsafe``) and the backbone through the registered
     backbones (``allow_any_class``).
     """
     ckpt_path = resolve_checkpoint(path, unsafe=unsafe)
     if ckpt_path.suffix.lower() == ".safetensors":
-        backbone, metadata = load_safetensors(ckpt_path, allow_any_class=allow_any_class)
+        backbone, metadata, head = load_safetensors(ckpt_path, allow_any_class=allow_any_class)
         config_hash = str(metadata.get("config_hash") or hashlib.sha256(
             json.dumps(metadata["backbone"], sort_keys=True).encode()).hexdigest()[:16])
-        info = {"backbone": metadata["backbone"], "checkpoint": str(ckpt_path), "config_hash": config_hash}
+        info = {"backbone": metadata["backbone"], "checkpoint": str(ckpt_path), "config_hash": config_hash,
+                "quality_head": head, "quality": metadata.get("quality") if head is not None else None}
         return backbone, metadata["input_spec"], info
     checkpoint = load_checkpoint(ckpt_path, unsafe=unsafe)
     spec = _backbone_spec(checkpoint, ckpt_path)
@@ -428,11 +550,51 @@ def load_backbone(path: PathLike, *, unsafe: bool = False,
     state = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     _load_weights(backbone, state, ckpt_path)
     backbone.eval()
+    _, head_state = split_quality_state(state_dict)
+    head = build_quality_head(head_state, ckpt_path) if head_state else None
+    hparams = checkpoint.get("hyper_parameters", {})
     input_spec = check_input_spec(dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC)), ckpt_path)
     config_hash = hashlib.sha256(json.dumps(checkpoint.get("hyper_parameters", {}), sort_keys=True,
                                             default=str).encode()).hexdigest()[:16]
-    info = {"backbone": spec, "checkpoint": str(ckpt_path), "config_hash": config_hash}
+    info = {"backbone": spec, "checkpoint": str(ckpt_path), "config_hash": config_hash, "quality_head": head,
+            "quality": quality_metadata(hparams.get("quality") if isinstance(hparams, dict) else None)
+            if head is not None else None}
     return backbone, input_spec, info
+
+
+def split_quality_state(state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``state`` -> (the entries not named ``quality_head.*``, the quality head's entries unprefixed)."""
+    rest = {k: v for k, v in state.items() if not k.startswith(QUALITY_PREFIX)}
+    head = {k[len(QUALITY_PREFIX):]: v for k, v in state.items() if k.startswith(QUALITY_PREFIX)}
+    return rest, head
+
+
+def build_quality_head(state: Dict[str, Any], source: PathLike) -> Any:
+    """A float32 :class:`mlearn.quality.QualityHead` of ``state`` (``fc.weight`` [1, D], ``fc.bias`` [1])."""
+    from mlearn.quality import QualityHead
+
+    weight = state.get("fc.weight")
+    if weight is None or weight.ndim != 2 or weight.shape[0] != 1:
+        shape = None if weight is None else tuple(weight.shape)
+        raise ValueError(f"{source}: {QUALITY_PREFIX}fc.weight has shape {shape}; "
+                         "expected [1, embedding size]")
+    head = QualityHead(int(weight.shape[1]))
+    try:
+        head.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ValueError(f"{source}: quality head weights do not fit ({_first_line(exc)})") from None
+    return head.eval()
+
+
+def quality_metadata(config: Any) -> Dict[str, Any]:
+    """The ``quality`` metadata record ``{"method", "output"}`` of a ``model.quality`` setting (a dict,
+    ``{class_path, init_args}``, a QualityConfig or a record read back from an export)."""
+    if isinstance(config, dict):
+        nested = config.get("init_args")
+        method = (nested if isinstance(nested, dict) else config).get("method")
+    else:
+        method = getattr(config, "method", None)
+    return {"method": str(method or "cr_fiqa"), "output": QUALITY_OUTPUT}
 
 
 def _backbone_spec(checkpoint: Dict[str, Any], ckpt_path: Path) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ from mlearn import _compat
 from mlearn.finetune import INIT_CENTERS, init_centers_from_class_means, load_initial_backbone
 from mlearn.heads import Criterion, Margin, PartialFC
 from mlearn.heads import distributed as D
+from mlearn.quality import QualityConfig, QualityHead
 from mlearn.resume import rng_state_to_restore, save_rng_states, set_rng_state
 from mlearn.schedules import DEFAULT_SCHEDULE, LRSchedule, Schedule
 
@@ -117,6 +118,11 @@ class EmbeddingModule(pl.LightningModule):
             ``random``): how the class centers start.
         freeze_backbone_steps: optimizer steps with the backbone frozen (only the head trains).
         backbone_lr_scale: the backbone's learning rate relative to the head's (e.g. 0.1).
+        quality: a quality head trained with the model (``model.quality: {method: cr_fiqa, weight:
+            10}``; :mod:`mlearn.quality`): ``quality_head`` regresses each sample's certainty ratio
+            from its raw embedding; the loss adds ``weight``·smooth-L1 (global-batch mean, so W ranks
+            equal one process). Its parameters train with the backbone (same optimizer group, in DDP);
+            the target is detached, so it never moves the class centers. None: no quality head.
     """
 
     def __init__(
@@ -133,6 +139,7 @@ class EmbeddingModule(pl.LightningModule):
         init_centers: Optional[str] = None,
         freeze_backbone_steps: int = 0,
         backbone_lr_scale: float = 1.0,
+        quality: Optional[QualityConfig] = None,
     ) -> None:
         super().__init__()
         # From LightningCLI the hparams are the config (class_path + init_args), which rebuilds the
@@ -156,6 +163,9 @@ class EmbeddingModule(pl.LightningModule):
             if not isinstance(self.hparams.get("backbone"), dict):
                 # load_model / export / eval rebuild the backbone from this spec (inference._backbone_spec)
                 self.hparams["backbone"] = spec
+        if quality is not None and not isinstance(quality, QualityConfig):
+            raise TypeError(f"model.quality={quality!r}: expected a QualityConfig, e.g. "
+                            "{method: cr_fiqa, weight: 10} in a config")
         if not isinstance(schedule, LRSchedule):
             raise TypeError(f"schedule={schedule!r}: expected an LRSchedule, e.g. "
                             f"LRSchedule('poly', warmup_epochs=2) (model.schedule.decay in a config)")
@@ -176,6 +186,8 @@ class EmbeddingModule(pl.LightningModule):
         self.freeze_backbone_steps = int(freeze_backbone_steps)
         self.backbone_lr_scale = float(backbone_lr_scale)
         self.head: Optional[PartialFC] = None
+        self.quality = quality
+        self.quality_head = None if quality is None else QualityHead(self.embedding_size)
         self._corrupt_in_epoch = 0
         self._tic: Optional[float] = None
         self._rng_to_restore: Optional[Dict[str, Any]] = None
@@ -190,6 +202,7 @@ class EmbeddingModule(pl.LightningModule):
             return
         _check_num_classes(self.num_classes)
         self.head = self.head_config.build(self.embedding_size, self.num_classes)
+        self.head.record_certainty = self.quality_head is not None
         sharded = self.head.sharded_parameter_names() + self.head.sharded_buffer_names()
         # the criterion's bias is all-reduced by the head itself
         sharded += self.head.replicated_parameter_names()
@@ -218,6 +231,8 @@ class EmbeddingModule(pl.LightningModule):
             embeddings = self.backbone(images)
         loss = self.head(embeddings, labels)
         self.log("train/loss", loss, prog_bar=True)
+        if self.quality_head is not None:
+            loss = loss + self._quality_loss(embeddings)
         if _compat.attached_trainer(self) is not None and self.trainer.optimizers:
             groups = self.trainer.optimizers[0].param_groups
             self.log("train/lr", float(groups[-1]["lr"]))  # the head's (the last group)
@@ -225,6 +240,18 @@ class EmbeddingModule(pl.LightningModule):
                 self.log("train/backbone_lr", 0.0 if self.backbone_frozen() else float(groups[0]["lr"]))
         self._log_throughput(images.shape[0])
         return loss
+
+    def _quality_loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the quality loss (sum over its rows / global batch; see ``quality``)."""
+        assert self.head is not None and self.quality is not None and self.quality_head is not None
+        if self.head.last_certainty is None:
+            raise RuntimeError("model.quality: the head recorded no certainty (record_certainty is off)")
+        ccs, nnccs = self.head.last_certainty
+        term = self.quality.loss(self.quality_head(embeddings), ccs, nnccs,
+                                 global_batch=self.head.last_global_batch)
+        # the global value for the log (the terms of the ranks add up to it)
+        self.log("train/quality_loss", D.all_reduce_sum(term.detach()))
+        return term
 
     def backbone_frozen(self) -> bool:
         """True during the first ``freeze_backbone_steps`` optimizer steps."""
@@ -339,6 +366,8 @@ class EmbeddingModule(pl.LightningModule):
             norm_ids = {id(p) for m in self.backbone.modules() if isinstance(m, _compat.NORM_LAYERS)
                         for p in m.parameters(recurse=False)}
         backbone = [p for p in self.backbone.parameters() if id(p) not in norm_ids]
+        if self.quality_head is not None:  # trains with the backbone (its lr, weight decay and DDP)
+            backbone += list(self.quality_head.parameters())
         groups: List[Dict[str, Any]] = [{"params": backbone}]
         if norm_ids:
             groups.append({"params": [p for p in self.backbone.parameters() if id(p) in norm_ids],

@@ -48,3 +48,20 @@ def make_run(run: Path, cls: type, init_args: dict) -> Path:
                                                   "init_args": init_args}}},
                run / "checkpoints" / "last.ckpt")
     return run
+
+
+def add_quality_head(run: Path, size: int, seed: int = 1) -> Path:
+    """Give the run's checkpoint what a model trained with ``model.quality`` has: the quality head's
+    weights (random, small enough for quality of order 1) and the ``quality`` hyper-parameter. Its
+    BN statistics are made non-trivial too, so parity is not vacuous."""
+    path = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    for key, tensor in checkpoint["state_dict"].items():
+        if key.endswith(("running_mean", "running_var")):
+            tensor.add_(0.2 * torch.rand(tensor.shape, generator=generator))
+    checkpoint["state_dict"]["quality_head.fc.weight"] = 0.05 * torch.randn(1, size, generator=generator)
+    checkpoint["state_dict"]["quality_head.fc.bias"] = torch.randn(1, generator=generator)
+    checkpoint["hyper_parameters"]["quality"] = {"method": "cr_fiqa", "weight": 10.0, "beta": 0.5}
+    torch.save(checkpoint, path)
+    return run

@@ -96,7 +96,7 @@ class _CheckedModel:
 
     def embed(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         out = self._model.embed(batch, *args, **kwargs)
-        values = np.asarray(out)
+        values = np.asarray(out[0] if isinstance(out, tuple) else out)  # with_quality: (embeddings, quality)
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             rows = values.reshape(len(values), -1) if values.ndim else values.reshape(1, 1)
             bad = int((~np.isfinite(rows)).any(axis=1).sum())
@@ -118,7 +118,7 @@ def run_suite(model: Any, suite: Union[PathLike, Dict[str, Any]], data_root: Opt
     out.mkdir(parents=True, exist_ok=True)
     rows: List[ResultRow] = []
     checked = _CheckedModel(model)
-    cache: Dict[Any, Any] = {}
+    cache: Dict[Any, Any] = {"out_dir": out}  # quality_eval.OUT_DIR_KEY: where protocols put own figures
     token = _RUN_CACHE.set(cache)
     try:
         for protocol in config["protocols"]:

@@ -29,6 +29,11 @@ closed-form one; otherwise (sub-centers, straight-through, custom margins) autog
 The cosine clamp to [−1, 1] is applied but not differentiated on the fast paths (it only acts on
 rounding).
 
+Certainty (CR-FIQA, ``Step.record_certainty``): pass 1 also keeps each row's largest non-target
+clamped cosine (a running max over the blocks, from the logits before the exp on the fast path and
+from the cosines before the margin otherwise: no extra GEMM), all-reduced (max) over ranks, next to
+the global target cosines; off, it costs nothing.
+
 Mixed precision: under autocast the GEMMs run in the autocast dtype with float32 results (CUDA:
 ``torch.mm(..., out_dtype=float32)``; CPU: the bf16/fp16 operands are widened first), so s·cosθ logits
 are not quantised; the normaliser and the margin are float32. The gradient GEMMs take dL/dlogits in
@@ -193,6 +198,11 @@ class Step:
     compute_dtype: torch.dtype  # GEMM operands (the autocast dtype or the weight's)
     stat_dtype: torch.dtype  # cosines, margin, normaliser
     criterion: StreamedCriterion
+    #: record each row's target cosine and largest non-target cosine (CR-FIQA) into ``certainty``
+    record_certainty: bool = False
+    #: after the forward when recording: (CCS [B], NNCCS [B]) of the global batch, detached; NNCCS is
+    #: the all-reduced max over the kept classes of every rank (−1 when no other class is in use)
+    certainty: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -240,6 +250,9 @@ class _Engine:
         self.closed_form = (step.num_subcenters == 1 and not step.straight_through
                             and type(step.margin).other_logits_with_grad is not Margin.other_logits_with_grad)
         self.owner = step.labels >= 0
+        # running max of the non-target clamped cosines per row (only when recording)
+        self.nearest: Optional[torch.Tensor] = (
+            x_hat.new_full((self.batch,), float("-inf")) if step.record_certainty else None)
 
     # ------------------------------------------------------------------ target part (once per step)
     def target_cosines(self) -> None:
@@ -298,13 +311,16 @@ class _Engine:
 
     def _general_logits(self, raw: torch.Tensor, lo: int, hi: int, inplace: bool = False) -> torch.Tensor:
         """Margin non-target logits of the block [B, hi−lo] from raw GEMM output (autograd-tracked
-        unless ``inplace``: then ``raw`` is consumed)."""
+        unless ``inplace``: then ``raw`` is consumed, and the non-target cosines are tracked when
+        recording)."""
         step, k = self.step, self.step.num_subcenters
         inv = self.inv_norm[lo * k : hi * k]
         cos = raw.mul_(inv) if inplace else raw * inv
         if k > 1:
             cos = cos.view(self.batch, hi - lo, k).amax(dim=2)
         cos = cos.clamp_(-1.0, 1.0) if inplace else cos.clamp(-1.0, 1.0)
+        if inplace and self.nearest is not None:
+            self._track_nearest(cos, *self._in_block(lo, hi))
         others = step.margin.other_logits(self._block_batch(cos, lo, hi))
         if step.straight_through:
             others = cos + (others - cos).detach()
@@ -329,6 +345,25 @@ class _Engine:
         d_raw.mul_(deriv)
         return d_raw, torch.linalg.vecdot(d_raw, cos, dim=0).div_(inv)
 
+    def _track_nearest(self, cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Fold the block's largest non-target cosine of ``cos`` [B, c] into ``nearest``; the target
+        entries (rows, cols) are skipped and left as they were."""
+        assert self.nearest is not None
+        if cos.shape[1] == 0:
+            return
+        saved = cos[rows, cols]
+        cos[rows, cols] = float("-inf")
+        block_max = cos.amax(dim=1)
+        cos[rows, cols] = saved
+        torch.maximum(self.nearest, block_max, out=self.nearest)
+
+    def certainty(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(CCS [B], NNCCS [B]) of the global batch after pass 1: NNCCS all-reduced (max) over ranks and
+        clamped to [−1, 1] (−1 when no rank holds another kept class)."""
+        assert self.nearest is not None
+        nearest = D.all_reduce_max(self.nearest, self.step.group).clamp(-1.0, 1.0)
+        return self.target_cosine.clone(), nearest
+
     def statistics(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 -> (loss, global log-sum-exp [B])."""
         step = self.step
@@ -351,9 +386,14 @@ class _Engine:
                 logits = self._general_logits(raw, lo, hi, inplace=True)
             rows, cols = self._in_block(lo, hi)
             logits[rows, cols] = float("-inf")  # the target enters once, from the target part
+            if self.fast and self.nearest is not None and logits.shape[1] > 0:
+                # fast path: logits = s·cos (unclamped; the clamp is applied to the reduced max)
+                torch.maximum(self.nearest, logits.amax(dim=1) / s, out=self.nearest)
             stat = step.criterion.accumulate(stat, logits, linear)
         if linear:
             stat = torch.log(stat)
+        if self.nearest is not None:
+            step.certainty = self.certainty()
         return step.criterion.finish(stat, self.target, self.owner, step.group)
 
     def gradients(self, lse: torch.Tensor, need_x: bool, need_w: bool) -> Tuple[Optional[torch.Tensor],

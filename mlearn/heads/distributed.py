@@ -79,6 +79,16 @@ def _gather_sizes(n: int, group: Optional[ProcessGroup]) -> list:
     return [int(s.item()) for s in sizes]
 
 
+def local_row_range(n: int, group: Optional[ProcessGroup] = None) -> Tuple[int, int]:
+    """(start, stop) of this rank's ``n`` rows in a tensor gathered over ranks in rank order (collective
+    when distributed; ``(0, n)`` otherwise)."""
+    if not is_distributed(group):
+        return 0, n
+    sizes = _gather_sizes(n, group)
+    start = sum(sizes[: dist.get_rank(group)])
+    return start, start + n
+
+
 def all_gather_variable(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -> torch.Tensor:
     """Concatenate ``tensor`` [N_r, ...] over ranks along dim 0 (N_r may differ); no gradient.
 

@@ -77,6 +77,17 @@ class PartialFC(nn.Module):
     (margin on the full [B, C_local] cosine matrix, autograd); a margin that is not a
     :class:`~mlearn.heads.Margin`, or overrides ``forward``, always uses it.
 
+    Certainty (CR-FIQA targets, :mod:`mlearn.quality`): with ``record_certainty`` every forward leaves
+    ``last_certainty = (ccs, nnccs)``, detached, for THIS rank's rows [B_r] (in its input order):
+    ``ccs`` the clamped cosine to the sample's own class (max over its sub-centers), ``nnccs`` the
+    largest clamped cosine to any other class in use, both before the margin (for criteria with their
+    own margins: the cosines). "In use": every class in ``eval()`` mode or without sampling; with
+    sampling only the classes kept this step (on every rank), so NNCCS is a max over a random subset.
+    Under sharding NNCCS is the GLOBAL max (all-reduced over ranks): the same as on one process. Rows
+    with no other class in use get −1; ``last_global_batch`` is the global batch size. Both engines
+    record it without an extra GEMM (one small collective for the row offsets); off (the default)
+    nothing is computed.
+
     Collectives: when distributed, construction (shared initialisation seed), ``forward`` and
     ``state_dict()`` are collective calls: every rank of ``process_group`` must make them.
 
@@ -109,6 +120,7 @@ class PartialFC(nn.Module):
             logits. The criterion is told C and ``sample_rate`` here; its scalar ``bias`` (if any) is
             replicated and its gradient all-reduced by the criterion
             (:meth:`replicated_parameter_names`: keep it out of DDP).
+        record_certainty: record ``last_certainty`` on every forward (see Certainty above).
     """
 
     def __init__(
@@ -126,6 +138,7 @@ class PartialFC(nn.Module):
         chunk_size: Optional[int] = None,
         chunk_memory_mb: Optional[float] = None,
         criterion: Optional[Any] = None,
+        record_certainty: bool = False,
     ) -> None:
         super().__init__()
         criterion = _check_criterion(margin, criterion)
@@ -168,6 +181,9 @@ class PartialFC(nn.Module):
         self.sample_seed = int(shared_seed if seed is None else seed)
         self.sample_step = 0
         self.last_sample_index: Optional[torch.Tensor] = None
+        self.record_certainty = bool(record_certainty)
+        self.last_certainty: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.last_global_batch = 0  # rows of the last forward's global batch (all ranks)
         self.register_state_dict_post_hook(_gather_weight_hook)
         self.register_load_state_dict_pre_hook(_slice_weight_hook)
 
@@ -208,7 +224,8 @@ class PartialFC(nn.Module):
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}, "
-            f"straight_through={self.straight_through}, engine={self.engine}, shard=[{self.class_start}, "
+            f"straight_through={self.straight_through}, engine={self.engine}, "
+            f"record_certainty={self.record_certainty}, shard=[{self.class_start}, "
             f"{self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}"
         )
 
@@ -285,6 +302,9 @@ class PartialFC(nn.Module):
                 f"label {int(all_labels[bad][0])} out of range: expected class ids in [0, {self.num_classes})"
             )
         all_embeddings = D.all_gather_with_grad(embeddings, group)
+        self.last_certainty = None
+        self.last_global_batch = int(all_labels.shape[0])
+        own_rows = D.local_row_range(embeddings.shape[0], group) if self.record_certainty else None
 
         # the shared seed is drawn before the sampling's draws: keeps every rank's stream aligned
         generator = D.shared_generator(group) if getattr(self.margin, "stochastic", False) else None
@@ -292,7 +312,7 @@ class PartialFC(nn.Module):
         local[(local < 0) | (local >= self.num_local)] = -1
         index, local = self._sample(local)
         if self.uses_chunked_engine():
-            return self._chunked_loss(all_embeddings, local, index, generator, all_labels)
+            return self._chunked_loss(all_embeddings, local, index, generator, all_labels, own_rows)
         weight: torch.Tensor = self.weight
         if index is not None:
             k, dim = self.num_subcenters, self.embedding_size
@@ -306,6 +326,8 @@ class PartialFC(nn.Module):
             if self.num_subcenters > 1:
                 cosine = cosine.view(batch, -1, self.num_subcenters).max(dim=2).values
             cosine = cosine.clamp(-1.0, 1.0)
+            if own_rows is not None:
+                self._record_dense(cosine.detach(), local, own_rows)
             if self.criterion is not None:
                 return self._dense_criterion_loss(cosine, local, all_embeddings, all_labels, generator)
             extra: Dict[str, Any] = {}
@@ -323,6 +345,23 @@ class PartialFC(nn.Module):
                 plain = cosine * self.margin.s
                 logits = plain + (logits - plain).detach()
             return D.dist_cross_entropy(logits, local, group)
+
+    def _record_dense(self, cosine: torch.Tensor, local: torch.Tensor, own_rows: Tuple[int, int]) -> None:
+        """``last_certainty`` from the clamped pre-margin cosines [B, C_kept] and the columns ``local``."""
+        ccs = D.shared_target_cosine(cosine, local, self.process_group)
+        owned = torch.nonzero(local >= 0).squeeze(1)
+        others = cosine.clone()
+        others[owned, local[owned]] = float("-inf")
+        if others.shape[1] > 0:
+            nearest = others.amax(dim=1)
+        else:
+            nearest = cosine.new_full((cosine.shape[0],), float("-inf"))
+        nnccs = D.all_reduce_max(nearest, self.process_group).clamp(-1.0, 1.0)
+        self._keep_certainty(ccs, nnccs, own_rows)
+
+    def _keep_certainty(self, ccs: torch.Tensor, nnccs: torch.Tensor, own_rows: Tuple[int, int]) -> None:
+        start, stop = own_rows
+        self.last_certainty = (ccs[start:stop].detach(), nnccs[start:stop].detach())
 
     def _dense_criterion_loss(self, cosine: torch.Tensor, local: torch.Tensor, embeddings: torch.Tensor,
                               labels: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -347,7 +386,8 @@ class PartialFC(nn.Module):
         return dense_criterion_loss(logits, local, streamed, x_hat, self.process_group, bias)
 
     def _chunked_loss(self, embeddings: torch.Tensor, local: torch.Tensor, index: Optional[torch.Tensor],
-                      generator: Optional[torch.Generator], labels: torch.Tensor) -> torch.Tensor:
+                      generator: Optional[torch.Generator], labels: torch.Tensor,
+                      own_rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         device = self.weight.device
         stat_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         compute_dtype = self.weight.dtype
@@ -382,9 +422,13 @@ class PartialFC(nn.Module):
                 compute_dtype=compute_dtype,
                 stat_dtype=stat_dtype,
                 criterion=criterion,
+                record_certainty=own_rows is not None,
             )
-            return C.chunked_margin_loss(x_hat, self.weight, step, bias=bias,
+            loss = C.chunked_margin_loss(x_hat, self.weight, step, bias=bias,
                                          update_margin=self.margin is not None and self.margin.training)
+            if own_rows is not None and step.certainty is not None:
+                self._keep_certainty(*step.certainty, own_rows)
+            return loss
 
     @torch.no_grad()
     def set_centers(self, centers: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:

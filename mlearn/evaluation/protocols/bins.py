@@ -2,6 +2,8 @@
 
 docs/protocols.md §a: flip fusion (raw embeddings of image and mirror summed, then L2-normalised),
 squared-L2 distance, 10 contiguous folds, threshold grid 0..4 step 0.01 chosen on the other nine folds.
+With ``quality: [head, norm]``, quality-aware rows of the same pairs (cosine of the flip-fused
+embeddings, quality of each unflipped image) follow the model's row (docs/protocols.md g.4).
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from tqdm import tqdm
 from mlearn.data import read_bin
 from mlearn.evaluation.metrics.verification import verify_pairs
 from mlearn.evaluation.protocols.options import BinOptions, build_options
+from mlearn.evaluation.protocols.quality_eval import (
+    check_sources,
+    embed_batches_with_quality,
+    quality_results,
+)
 from mlearn.evaluation.report import ResultRow
 from mlearn.inference import SupportsEmbed, embed_batches
 
@@ -32,15 +39,27 @@ def run(model: SupportsEmbed, options: BinOptions, root: Path, batch_size: int,
     for baseline in options.baselines:
         if baseline not in BASELINES:
             raise ValueError(f"{name}: baseline={baseline!r}; expected one of {list(BASELINES)}")
+    sources = check_sources(model, options.quality, f"bin protocol {name}")
     images, issame = read_bin(path)
     check_both_kinds(issame, f"{name}: {path}")
     batches = tqdm([images[i:i + batch_size] for i in range(0, len(images), batch_size)],
                    desc="embedding", unit="batch")
-    embeddings = embed_batches(model, batches, options.flip)
+    if sources:
+        embeddings, qualities = embed_batches_with_quality(model, batches, sources, options.flip)
+    else:
+        embeddings = embed_batches(model, batches, options.flip)
     rows = [verification_row(name, "model", embeddings, issame, options.flip)]
     for baseline in options.baselines:  # raw_pixels: the pixels themselves as embeddings
         pixels = (images.reshape(len(images), -1).astype(np.float32) - 127.5) / 127.5
         rows.append(verification_row(name, baseline, pixels, issame, False))
+    if sources:
+        pairs = np.arange(len(issame))
+        quality, summary = quality_results(np.asarray(rows[0].scores), issame, 2 * pairs, 2 * pairs + 1,
+                                           qualities, name, model, options.quality_fmrs, 0, cache)
+        rows[0].values.update(summary)
+        if summary["quality_fmr_message"]:
+            rows[0].legend = f"{rows[0].legend}\n{name} quality: {summary['quality_fmr_message']}"
+        rows += quality
     return rows
 
 

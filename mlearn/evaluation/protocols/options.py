@@ -34,6 +34,26 @@ _FLAG = KeyType(lambda v: isinstance(v, bool), "true or false")
 _POSITIVE = KeyType(_int_at_least(1), "a positive integer")
 _POSITIVE_OR_NULL = KeyType(_int_at_least(1), "a positive integer or null", nullable=True)
 
+
+def _calibration_spec(value: Any) -> bool:
+    """``{dev_trials: path, prior: p?}`` or ``{file: path}`` (the trials protocol's ``calibration``)."""
+    if not isinstance(value, dict) or not value or set(value) - {"dev_trials", "prior", "file"}:
+        return False
+    if ("dev_trials" in value) == ("file" in value) or ("file" in value and "prior" in value):
+        return False
+    prior = value.get("prior")
+    prior_ok = prior is None or (isinstance(prior, float) and 0 < prior < 1)
+    return prior_ok and all(_text(value[k]) for k in ("dev_trials", "file") if k in value)
+
+
+def _rates(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in value)
+
+
+QUALITY_SOURCES = ("head", "norm")  # as mlearn.inference.QUALITY_CHOICES (not imported: torch)
+QUALITY_FMRS = (1e-3, 1e-4)  # each reported only when the impostor count supports it (>= 10 / FMR)
+
 # Value types by key (a key means the same in every protocol type that accepts it).
 KEY_TYPES: Dict[str, KeyType] = {
     "type": KeyType(_text, "a non-empty string"),
@@ -53,9 +73,14 @@ KEY_TYPES: Dict[str, KeyType] = {
     **{key: _PATH for key in ("folder", "pairs", "files_root")},
     **{key: _POSITIVE_OR_NULL for key in ("max_impostors", "max_genuine")},
     **{key: KeyType(_int_at_least(0), "a non-negative integer") for key in ("seed", "bootstrap")},
-    "fars": KeyType(lambda v: isinstance(v, list) and bool(v) and all(
-        isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in v),
-        "a non-empty list of rates in (0, 1), e.g. [0.01, 0.001, 0.0001]"),
+    "calibration": KeyType(
+        _calibration_spec,
+        "a mapping {dev_trials: <trial list>, prior: <P_target in (0, 1), default 0.01>} (fit on it) or "
+        "{file: <calibration.json>} (apply a stored one)", nullable=True),
+    **{key: KeyType(_rates, "a non-empty list of rates in (0, 1), e.g. [0.01, 0.001, 0.0001]")
+       for key in ("fars", "quality_fmrs")},
+    "quality": KeyType(lambda v: isinstance(v, list) and all(q in QUALITY_SOURCES for q in v),
+                       "a list of quality sources from [head, norm], e.g. [head, norm]"),
 }
 
 
@@ -67,6 +92,8 @@ class BinOptions:
     name: Optional[str] = None
     flip: bool = True
     baselines: List[str] = field(default_factory=list)
+    quality: List[str] = field(default_factory=list)  # quality-aware rows (docs/protocols.md g.4)
+    quality_fmrs: List[float] = field(default_factory=lambda: list(QUALITY_FMRS))
 
     @property
     def benchmark(self) -> str:
@@ -104,6 +131,7 @@ class TrialsOptions:
     baselines: List[str] = field(default_factory=list)
     cohort_utts_per_speaker: Optional[int] = None
     max_trials: Optional[int] = None
+    calibration: Optional[Dict[str, Any]] = None  # {dev_trials, prior} or {file}; see trials.run
 
     @property
     def benchmark(self) -> str:
@@ -157,6 +185,8 @@ class OwnDataOptions:
     bootstrap: int = 200
     ks: List[int] = field(default_factory=lambda: [1, 5])
     workers: int = 0
+    quality: List[str] = field(default_factory=list)  # quality-aware rows (docs/protocols.md g.4)
+    quality_fmrs: List[float] = field(default_factory=lambda: list(QUALITY_FMRS))
 
     def __post_init__(self) -> None:
         given = [k for k in ("folder", "pairs", "trials") if getattr(self, k) is not None]

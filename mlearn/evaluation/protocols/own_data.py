@@ -7,6 +7,8 @@ every file once (no flip fusion, so the scores are exactly those of :meth:`Embed
 pairs by cosine, reports ROC / DET, TAR@FAR (only at FARs the impostor count supports), EER, minDCF,
 rank-1/5 (folders) and the thresholds at target FARs with bootstrap intervals
 (:mod:`mlearn.evaluation.metrics.thresholds`). Unreadable files are counted and reported, never fatal.
+With ``quality: [head, norm]`` (images), quality-aware rows over the same pairs follow the model's row
+(:mod:`~mlearn.evaluation.protocols.quality_eval`; ``max_impostors: null`` uses every impostor pair).
 
 Also here: reading those thresholds back from ``results.json`` (:func:`read_thresholds`, used by
 ``mlearn export --thresholds`` and ``mlearn verify``), the model probe that ties thresholds to the
@@ -34,6 +36,12 @@ from mlearn.evaluation.protocols.own_data_pairs import (
     read_pair_list,
     scan_identity_folder,
 )
+from mlearn.evaluation.protocols.quality_eval import (
+    Qualities,
+    check_sources,
+    embed_with_quality,
+    quality_results,
+)
 from mlearn.evaluation.report import ResultRow
 from mlearn.inference import l2_normalize
 
@@ -49,18 +57,19 @@ PROBE_MIN_COSINE = 0.99
 # ---------------------------------------------------------------------------------------- embedding
 
 
-def embed_files(model: Any, root: Path, files: Sequence[str], batch_size: int = 64,
-                workers: int = 0) -> Tuple[np.ndarray, np.ndarray, Dict[str, str]]:
+def embed_files(model: Any, root: Path, files: Sequence[str], batch_size: int = 64, workers: int = 0,
+                quality: Sequence[str] = ()) -> Tuple[np.ndarray, np.ndarray, Dict[str, str], Qualities]:
     """Embed ``root / f`` for each of ``files`` (images, or wavs for an audio model), each once.
 
     Returns (L2-normalised float32 [N, D], zero rows where a file failed; ok mask [N];
-    ``{file: "kind: detail"}`` of the failed ones)."""
+    ``{file: "kind: detail"}`` of the failed ones; ``{source: quality [N]}`` for each of ``quality``
+    (images only; NaN where a file failed), from the same forward pass)."""
     if getattr(model, "modality", "image") == "audio":
         from mlearn.inference_audio import embed_wavs
 
         vectors, ok, failed = embed_wavs(model, [root / f for f in files], batch_size, desc="own data")
         wav_failures = {f: failed[str(root / f)] for f, good in zip(files, ok) if not good}
-        return l2_normalize(vectors["model"]).astype(np.float32), ok, wav_failures
+        return l2_normalize(vectors["model"]).astype(np.float32), ok, wav_failures, {}
     size = model.spec["input_size"]
 
     def decode(rel: str) -> Any:
@@ -71,6 +80,7 @@ def embed_files(model: Any, root: Path, files: Sequence[str], batch_size: int = 
 
     chunks: List[Tuple[int, np.ndarray]] = []
     failures: Dict[str, str] = {}
+    qualities: Qualities = {source: np.full(len(files), np.nan) for source in quality}
     with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(files), batch_size):
             names = files[start:start + batch_size]
@@ -81,7 +91,13 @@ def embed_files(model: Any, root: Path, files: Sequence[str], batch_size: int = 
                     failures[names[k]] = str(image) if isinstance(image, ValueError) else \
                         f"unreadable: {type(image).__name__}: {image}"
             if good:
-                raw = model.embed(np.stack([decoded[k] for k in good]), normalize=False)
+                batch = np.stack([decoded[k] for k in good])
+                if quality:
+                    raw, measured = embed_with_quality(model, batch, quality)
+                    for source, values in measured.items():
+                        qualities[source][start + np.asarray(good)] = values
+                else:
+                    raw = model.embed(batch, normalize=False)
                 for k, row in zip(good, l2_normalize(np.asarray(raw, np.float32))):
                     chunks.append((start + k, row))
     dim = chunks[0][1].shape[0] if chunks else int(getattr(model, "embedding_size", 0))
@@ -89,7 +105,7 @@ def embed_files(model: Any, root: Path, files: Sequence[str], batch_size: int = 
     ok = np.zeros(len(files), bool)
     for index, row in chunks:
         out[index], ok[index] = row, True
-    return out, ok, failures
+    return out, ok, failures, qualities
 
 
 def model_probe(model: Any) -> List[float]:
@@ -136,10 +152,12 @@ def _list_key(key: str, audio: bool) -> str:
 
 def run(model: Any, options: OwnDataOptions, root: Path, batch_size: int = 64,
         cache: Optional[MutableMapping[Any, Any]] = None) -> List[ResultRow]:
-    """One row: verification metrics, thresholds and (folders) rank-k of the model on the user's files."""
+    """One row: verification metrics, thresholds and (folders) rank-k of the model on the user's files;
+    with ``options.quality`` the quality-aware rows of the same pairs after it."""
     name = options.benchmark
     root = Path(root)
     audio = getattr(model, "modality", "image") == "audio"
+    sources = check_sources(model, options.quality, f"own_data protocol {name}")
     rng = np.random.default_rng(options.seed)
     info: Dict[str, Any] = {}
     groups = None
@@ -173,7 +191,7 @@ def run(model: Any, options: OwnDataOptions, root: Path, batch_size: int = 64,
         second = [_list_key(k, audio) for k in second]
         files = sorted(set(first) | set(second))
         info["list"] = str(list_path)
-    unit, ok, failures = embed_files(model, base, files, batch_size, options.workers)
+    unit, ok, failures, qualities = embed_files(model, base, files, batch_size, options.workers, sources)
     if not ok.any():
         raise ValueError(f"{name}: none of the {len(files)} files under {base} can be read: "
                          f"{summarize_failures(failures)}")
@@ -215,7 +233,15 @@ def run(model: Any, options: OwnDataOptions, root: Path, batch_size: int = 64,
                  "unreadable": dict(list(failures.items())[:MAX_LISTED]), "skipped_pairs": skipped_pairs})
     rank = _rank_k(unit[ok], np.array(identities)[ok], options.ks) if mode == "folder" else \
         {"rank_k": "not computed: a pair or trial list gives no identity labels"}
-    return [_row(name, options, scores, pair_labels, groups, info, rank, model, failures)]
+    row = _row(name, options, scores, pair_labels, groups, info, rank, model, failures)
+    if not sources:
+        return [row]
+    rows, summary = quality_results(scores, pair_labels, first_idx, second_idx, qualities, name, model,
+                                    options.quality_fmrs, options.seed, cache)
+    row.values.update(summary)
+    if summary["quality_fmr_message"]:
+        row.legend = f"{row.legend or ''}\n{name} quality: {summary['quality_fmr_message']}"
+    return [row, *rows]
 
 
 def _rank_k(unit: np.ndarray, identities: np.ndarray, ks: Sequence[int]) -> Dict[str, Any]:
@@ -346,7 +372,7 @@ def verify_pair_list(model: Any, pairs_path: PathLike, output: PathLike, far: fl
     second = [_list_key(k, audio) for k in pairs.second]
     files = sorted(set(first) | set(second))
     index = {f: i for i, f in enumerate(files)}
-    unit, ok, failures = embed_files(model, root, files, batch_size, workers)
+    unit, ok, failures, _ = embed_files(model, root, files, batch_size, workers)
     a = np.array([index[k] for k in first])
     b = np.array([index[k] for k in second])
     scores = pair_cosines(unit, a, b)

@@ -5,7 +5,8 @@ Readers (trial lists in the official or Kaldi format, cohorts as a Kaldi dir or 
 the MFCC baseline, and the suite adapter :func:`run`: embed each whole utterance
 (:func:`mlearn.inference_audio.embed_wavs`), cosine-score the trials, (AS-)norm against a cohort
 (:mod:`mlearn.evaluation.metrics.trials`), EER (NIST interpolation; sklearn and speechbrain variants
-as cross-checks) and minDCF at P_target 0.01 and 0.05.
+as cross-checks) and minDCF at P_target 0.01 and 0.05; with ``calibration``, Cllr / minCllr / actual
+DCF of every row and a calibrated row (:mod:`mlearn.evaluation.metrics.calibration`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ from typing import Any, Callable, Dict, Iterator, List, MutableMapping, Optional
 import numpy as np
 
 from mlearn.data import summarize_failures
+from mlearn.evaluation.metrics.calibration import (
+    Calibration,
+    fit_calibration,
+    llr_metrics,
+    load_calibration,
+    quality_features,
+)
 from mlearn.evaluation.metrics.trials import (
     P_TARGETS,
     apply_score_norm,
@@ -219,8 +227,9 @@ def run(model: Any, options: TrialsOptions, root: Path, batch_size: int = 64,
     embedding is subtracted and its speaker means are the AS-norm cohort); ``as_norm_top_n`` (300);
     ``subtract_mean`` (default: true with a cohort); ``baselines`` (names in :data:`BASELINES`);
     ``cohort_utts_per_speaker`` (default all); ``max_trials`` (a seeded random subset, for quick
-    checks). Rows: model, model+AS-norm (with a cohort), one per baseline. ``cache``: kept by the
-    suite run, so utterances shared by several lists are embedded once.
+    checks); ``calibration`` ({dev_trials, prior} or {file}, see :func:`_calibrate`). Rows: model,
+    model+AS-norm (with a cohort), one per baseline, and with ``calibration`` the last model row
+    calibrated. ``cache``: kept by the suite run, so utterances shared by several lists are embedded once.
 
     Unusable trial wavs (unreadable, wrong sample rate, not mono, shorter than one fbank frame) do
     not stop the run: their trials are left out of the scores and reported loudly instead, as the
@@ -308,7 +317,98 @@ def run(model: Any, options: TrialsOptions, root: Path, batch_size: int = 64,
         scores = cosine_scores(emb[baseline], e_idx, t_idx, cohort.means[baseline])
         rows.append(row(baseline, scores,
                         {"normalisation": pre, "features": BASELINE_DESCRIPTIONS[baseline]}))
+    if options.calibration is not None:
+        final = 1 if has_cohort else 0  # the row whose scores are calibrated (after AS-norm when on)
+        seconds = _seconds([_wav_path(wav_root, k) for k in keys], ok)
+        _, features, names = _trial_features(emb["model"], e_idx, t_idx, seconds, cohort,
+                                             options.as_norm_top_n)
+        cal, source = _calibrate(model, options, root, wav_root, batch_size, cache, cohort, names)
+        calibrated = row(f"{rows[final]['method']}+calibrated", cal.apply(features),
+                         {"normalisation": rows[final]["normalisation"], "calibration": cal.to_dict(),
+                          "calibration_source": source})
+        rows.insert(final + 1, calibrated)
+        rows = [_with_llr_metrics(r, "calibrated: " + source if r is calibrated else UNCALIBRATED)
+                for r in rows]
     return rows
+
+
+UNCALIBRATED = "uncalibrated: the raw score is taken as a natural-log LLR"
+
+
+def _with_llr_metrics(row: ResultRow, how: str) -> ResultRow:
+    """``row`` with Cllr, minCllr (bits) and actual DCF of its scores (taken as LLRs) in its values and
+    table; ``how`` says whether they are calibrated."""
+    metrics = llr_metrics(np.asarray(row.scores), np.asarray(row.labels), P_TARGETS)
+    table = {**row.table, "Cllr": f"{metrics['cllr']:.4f}", "minCllr": f"{metrics['min_cllr']:.4f}",
+             "actDCF0.01": f"{metrics['act_dcf']['0.01']:.4f}"}
+    return ResultRow({**row.values, **metrics, "llr": how}, table=table, legend=row.legend,
+                     scores=row.scores, labels=row.labels)
+
+
+def _seconds(paths: List[Path], ok: np.ndarray) -> np.ndarray:
+    """Durations in seconds [U] from the wav headers (NaN where the wav is unusable)."""
+    import soundfile as sf
+
+    seconds = np.full(len(paths), np.nan)
+    for i in np.flatnonzero(ok):
+        info = sf.info(str(paths[i]))
+        seconds[i] = info.frames / info.samplerate
+    return seconds
+
+
+def _trial_features(model_emb: np.ndarray, e_idx: np.ndarray, t_idx: np.ndarray, seconds: np.ndarray,
+                    cohort: "_Cohort", top_n: Optional[int]) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    """(scores [n] after AS-norm when there is a cohort, :func:`quality_features` [n, F], names)."""
+    scores = cosine_scores(model_emb, e_idx, t_idx, cohort.means["model"])
+    if "model" not in cohort.vectors:
+        return (scores, *quality_features(scores, seconds[e_idx], seconds[t_idx]))
+    mu, sd = cohort_score_stats(model_emb, cohort.vectors["model"], top_n, cohort.means["model"])
+    scores = apply_score_norm(scores, mu[e_idx], sd[e_idx], mu[t_idx], sd[t_idx], "s")
+    return (scores, *quality_features(scores, seconds[e_idx], seconds[t_idx], mu[e_idx], mu[t_idx]))
+
+
+def _calibrate(model: Any, options: TrialsOptions, root: Path, wav_root: Path, batch_size: int,
+               cache: Optional[MutableMapping[Any, Any]], cohort: "_Cohort",
+               names: List[str]) -> Tuple[Calibration, str]:
+    """The calibration of ``options.calibration`` and where it came from.
+
+    ``{file: path}``: a stored :class:`Calibration` (refused when fitted for another config hash or
+    other features). ``{dev_trials: path, prior: p}``: a trial list with keys below the same
+    ``wav_root``, embedded, scored and normalised exactly as the test trials, fitted by prior-weighted
+    logistic regression at ``prior`` (default the first minDCF P_target, 0.01)."""
+    name = options.benchmark
+    spec = options.calibration or {}
+    metadata = getattr(model, "metadata", None)
+    config_hash = metadata.get("config_hash") if isinstance(metadata, dict) else None
+    if "file" in spec:
+        path = _resolve(root, spec["file"], name, "calibration file")
+        cal = load_calibration(path)
+        cal.check_model(config_hash, f"the model evaluated on {name}")
+        if cal.feature_names != names:
+            raise ValueError(f"{name}: calibration {path} expects features {cal.feature_names}, this "
+                             f"protocol computes {names} (a cohort adds the cohort columns)")
+        return cal, f"stored calibration {spec['file']}"
+    dev = read_trials(_resolve(root, spec["dev_trials"], name, "calibration dev trial list"))
+    keys = sorted(set(dev.enroll) | set(dev.test))
+    index = {k: i for i, k in enumerate(keys)}
+    paths = [_wav_path(wav_root, k) for k in keys]
+    emb, ok, failures = embed_wavs(model, paths, batch_size, cache=cache,
+                                   desc=f"{name}: calibration dev wavs")
+    e_idx = np.array([index[k] for k in dev.enroll])
+    t_idx = np.array([index[k] for k in dev.test])
+    scored = ok[e_idx] & ok[t_idx]
+    labels = dev.labels[scored].astype(int)
+    if labels.size == 0 or labels.min() == labels.max():
+        unusable = f" ({summarize_failures(failures)})" if failures else ""
+        raise ValueError(f"{name}: the calibration dev trials {spec['dev_trials']} need scorable targets "
+                         f"and non-targets; {len(labels)} of {len(dev)} are scorable{unusable}")
+    _, features, _ = _trial_features(emb["model"], e_idx[scored], t_idx[scored], _seconds(paths, ok),
+                                     cohort, options.as_norm_top_n)
+    prior = float(spec.get("prior") or P_TARGETS[0])
+    cal = fit_calibration(features, labels, prior, names)
+    cal.config_hash = config_hash
+    cal.info.update({"dev_trials": str(spec["dev_trials"]), "dev_skipped_trials": int((~scored).sum())})
+    return cal, f"fitted on dev trials {spec['dev_trials']} (prior {prior})"
 
 
 def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: int = 64) -> List[ResultRow]:
