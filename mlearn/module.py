@@ -121,7 +121,8 @@ class EmbeddingModule(pl.LightningModule):
         quality: a quality head trained with the model (``model.quality: {method: cr_fiqa, weight:
             10}``; :mod:`mlearn.quality`): ``quality_head`` regresses each sample's certainty ratio
             from its raw embedding; the loss adds ``weight``·smooth-L1 (global-batch mean, so W ranks
-            equal one process). Its parameters train with the backbone (same optimizer group, in DDP);
+            equal one process). Its parameters train with the backbone (its weight decay, in DDP) at
+            ``lr_scale`` times the backbone's learning rate (its own optimizer group);
             the target is detached, so it never moves the class centers. None: no quality head.
     """
 
@@ -366,12 +367,12 @@ class EmbeddingModule(pl.LightningModule):
             norm_ids = {id(p) for m in self.backbone.modules() if isinstance(m, _compat.NORM_LAYERS)
                         for p in m.parameters(recurse=False)}
         backbone = [p for p in self.backbone.parameters() if id(p) not in norm_ids]
-        if self.quality_head is not None:  # trains with the backbone (its lr, weight decay and DDP)
-            backbone += list(self.quality_head.parameters())
         groups: List[Dict[str, Any]] = [{"params": backbone}]
         if norm_ids:
             groups.append({"params": [p for p in self.backbone.parameters() if id(p) in norm_ids],
                            "weight_decay": self.norm_weight_decay})
+        if self.quality_head is not None:  # lr scaled in configure_optimizers (QualityConfig.lr_scale)
+            groups.append({"params": list(self.quality_head.parameters())})
         head_group: Dict[str, Any] = {"params": list(self.head.parameters())}
         if self.head_weight_decay is not None:
             head_group["weight_decay"] = self.head_weight_decay
@@ -438,9 +439,13 @@ class EmbeddingModule(pl.LightningModule):
     def configure_optimizers(self) -> Dict[str, Any]:
         optimizer = self.optimizer_factory(self._param_groups())
         backbone_ids = {id(p) for p in self.backbone.parameters()}
+        quality_ids = set() if self.quality_head is None else {id(p) for p in self.quality_head.parameters()}
         for group in optimizer.param_groups:  # the scheduler takes these as its base learning rates
-            if self.backbone_lr_scale != 1.0 and any(id(p) in backbone_ids for p in group["params"]):
+            ids = {id(p) for p in group["params"]}
+            if ids & (backbone_ids | quality_ids):  # the quality head trains with the backbone
                 group["lr"] *= self.backbone_lr_scale
+            if self.quality is not None and ids & quality_ids:
+                group["lr"] *= self.quality.lr_scale
         total = max(int(self.trainer.estimated_stepping_batches), 1)  # also sets up the train dataloader
         schedule = self.build_schedule(total, self.steps_per_epoch())
         # a plain function, whose fields LambdaLR does not save: on resume the schedule is rebuilt from the

@@ -185,7 +185,8 @@ def test_module_training_step_with_quality() -> None:
     assert model.quality_head is not None and model.quality_head.fc.weight.grad.abs().sum() > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.backbone.parameters())
     groups = model._param_groups()
-    assert len(groups) == 2 and id(model.quality_head.fc.weight) in map(id, groups[0]["params"])
+    # backbone, quality head (its own group: lr scaled by QualityConfig.lr_scale), centers
+    assert len(groups) == 3 and id(model.quality_head.fc.weight) in map(id, groups[1]["params"])
     assert {"quality_head.fc.weight", "quality_head.fc.bias"} <= set(model.state_dict())
     without = EmbeddingModule(_TinyNet(), HeadConfig(margin=ArcFace()), num_classes=5)
     assert without.quality_head is None
@@ -202,3 +203,21 @@ def test_quality_config_builds_through_the_cli(tiny_recordio: Callable[..., Path
     model = cli.model
     assert isinstance(model.quality, QualityConfig) and model.quality.weight == 5.0
     assert model.quality_head is not None
+
+
+def test_quality_head_trains_at_its_scaled_learning_rate() -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mlearn.module import EmbeddingModule, HeadConfig
+
+    torch.manual_seed(0)
+    model = EmbeddingModule(_TinyNet(), HeadConfig(margin=ArcFace(s=8.0, m=0.3)), num_classes=5,
+                            quality=QualityConfig(lr_scale=0.01), backbone_lr_scale=0.5)
+    data = TensorDataset(torch.randn(40, DIM), torch.arange(40) % 5)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    base = [group["initial_lr"] for group in trainer.optimizers[0].param_groups]
+    assert base == pytest.approx([0.05, 0.0005, 0.1])  # backbone, quality head (x 0.5 x 0.01), centers
+    assert torch.isfinite(model.quality_head(model(torch.randn(4, DIM)))).all()

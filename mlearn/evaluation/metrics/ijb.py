@@ -69,6 +69,38 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
     return unique_templates, l2_normalize(out)
 
 
+def quality_pooling_weights(quality: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """Per-image pooling weights [N] for ``pooling: quality`` (docs/protocols.md g.5): ``max(q, 0)``
+    divided by its sum over the image's template, so each template's weights sum to 1; a template
+    whose qualities are all <= 0 gets equal weights. ``quality`` [N] (higher = better), ``templates`` [N].
+    Equal qualities within a template give a per-template constant, i.e. the plain pooling after L2."""
+    q = np.asarray(quality, np.float64).ravel()
+    templates = np.asarray(templates).ravel()
+    if q.shape != templates.shape:
+        raise ValueError(f"quality_pooling_weights: {q.size} qualities for {templates.size} images")
+    if not np.isfinite(q).all():
+        raise ValueError("quality_pooling_weights: quality contains NaN or inf; expected finite values")
+    _, t_index = np.unique(templates, return_inverse=True)
+    t_index = t_index.ravel()
+    clipped = np.maximum(q, 0.0)
+    total = np.bincount(t_index, clipped)
+    count = np.bincount(t_index)
+    flat = total[t_index] <= 0  # no positive quality in the template: equal weights
+    return np.where(flat, 1.0 / count[t_index], clipped / np.where(flat, 1.0, total[t_index]))
+
+
+def template_quality(quality: np.ndarray, templates: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Template quality: the mean of its images' ``quality`` [N] (unweighted, every frame counts once).
+    Returns (sorted unique template ids [T], float64 [T]) in :func:`template_features`' order."""
+    q = np.asarray(quality, np.float64).ravel()
+    templates = np.asarray(templates).ravel()
+    if q.shape != templates.shape:
+        raise ValueError(f"template_quality: {q.size} qualities for {templates.size} images")
+    ids, t_index = np.unique(templates, return_inverse=True)
+    t_index = t_index.ravel()
+    return ids, np.bincount(t_index, q) / np.bincount(t_index)
+
+
 def template_index(template_ids: np.ndarray, ids: np.ndarray, what: str = "template") -> np.ndarray:
     """Row of each id of ``ids`` in the sorted ``template_ids``; KeyError naming the first unknown id."""
     ids = np.asarray(ids)

@@ -18,6 +18,7 @@ sides). Arrays in, dicts out; :func:`plot_curves` / :func:`plot_quality_rows` ar
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -358,7 +359,7 @@ def plot_quality_rows(rows: Sequence[ResultRow], out: Union[str, Path]) -> List[
         curves[f"random (mean ± std, {first['random_draws']} draws)"] = (
             x, np.asarray(first["random_fnmr_mean"]), np.asarray(first["random_fnmr_std"]))
         tag = "edc" if convention == EDC else "erc"
-        name = f"quality_{tag}_fmr{fmr:g}_{benchmark}_{method}.png".replace("/", "_").replace(" ", "_")
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"quality_{tag}_fmr{fmr:g}_{benchmark}_{method}") + ".png"
         written.append(plot_curves(Path(out) / name, curves,
                                    title=f"{benchmark} {method}: {convention}, FMR {fmr:g}"))
     return written

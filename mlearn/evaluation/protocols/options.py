@@ -53,6 +53,7 @@ def _rates(value: Any) -> bool:
 
 QUALITY_SOURCES = ("head", "norm")  # as mlearn.inference.QUALITY_CHOICES (not imported: torch)
 QUALITY_FMRS = (1e-3, 1e-4)  # each reported only when the impostor count supports it (>= 10 / FMR)
+IJB_POOLINGS = ("standard", "quality")  # quality: an extra row pooled by image quality (g.5)
 
 # Value types by key (a key means the same in every protocol type that accepts it).
 KEY_TYPES: Dict[str, KeyType] = {
@@ -81,6 +82,7 @@ KEY_TYPES: Dict[str, KeyType] = {
        for key in ("fars", "quality_fmrs")},
     "quality": KeyType(lambda v: isinstance(v, list) and all(q in QUALITY_SOURCES for q in v),
                        "a list of quality sources from [head, norm], e.g. [head, norm]"),
+    "pooling": KeyType(lambda v: v in IJB_POOLINGS, f"one of {list(IJB_POOLINGS)}"),
 }
 
 
@@ -104,7 +106,8 @@ class BinOptions:
 class IJBOptions:
     """``type: ijb``: ``name`` IJBB / IJBC picks the meta file names; ``path`` the folder with
     ``loose_crop/`` and ``meta/`` (default: the name); ``workers``: decoding threads (default
-    min(8, CPUs))."""
+    min(8, CPUs)); ``quality`` / ``quality_fmrs`` quality-aware 1:1 rows and ``pooling: quality`` an
+    extra 1:1 row pooled by image quality (docs/protocols.md g.5)."""
 
     name: str
     path: Optional[str] = None
@@ -112,6 +115,9 @@ class IJBOptions:
     detector_score: bool = True
     one_to_n: bool = False
     workers: Optional[int] = None
+    quality: List[str] = field(default_factory=list)
+    quality_fmrs: List[float] = field(default_factory=lambda: list(QUALITY_FMRS))
+    pooling: str = "standard"  # "quality": adds the quality-pooled 1:1 rows, the standard ones stay
 
     @property
     def benchmark(self) -> str:

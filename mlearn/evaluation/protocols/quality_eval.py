@@ -1,5 +1,5 @@
 """Quality-aware evaluation as a suite option (docs/protocols.md g.4): ``quality: [head, norm]`` on the
-``own_data`` and ``bin`` protocols.
+``own_data`` and ``bin`` protocols (and ``ijb``, which also uses these helpers: g.5).
 
 Per input, quality comes from the same forward pass as the embedding (``model.embed(...,
 with_quality=)``): ``head`` the model's trained quality head, ``norm`` the L2 norm of the raw
