@@ -205,22 +205,31 @@ def export(argv: List[str]) -> int:
                              "its folder; alone: the newest <run>/eval/*/results.json with thresholds)")
     parser.add_argument("--thresholds-benchmark", default=None,
                         help="the benchmark row to take thresholds from when several have them")
+    parser.add_argument("--calibration", nargs="?", const="", default=None, metavar="SOURCE",
+                        help="store a speaker score calibration: a calibration JSON, or a results.json / "
+                             "its folder with a calibrated trials row (alone: the newest "
+                             "<run>/eval/*/results.json with one); a trials entry applies it with "
+                             "calibration: {from_model: true}")
+    parser.add_argument("--calibration-benchmark", default=None,
+                        help="the benchmark row to take the calibration from when several have one")
     from mlearn.trust import add_trust_arguments
 
     add_trust_arguments(parser)
     args = parser.parse_args(argv)
     from mlearn.export import ParityError, export_model
 
-    thresholds = args.thresholds
-    if thresholds == "":  # --thresholds alone: the latest evaluation of the run
-        model = Path(args.model)
-        run = model if model.is_dir() else model.parent
-        thresholds = str(run.parent if run.name == "checkpoints" else run)
+    model = Path(args.model)
+    run = model if model.is_dir() else model.parent
+    run = run.parent if run.name == "checkpoints" else run
+    # --thresholds / --calibration alone: the latest evaluation of the run
+    thresholds = str(run) if args.thresholds == "" else args.thresholds
+    calibration = str(run) if args.calibration == "" else args.calibration
     try:
         result = export_model(args.model, args.format, args.output, fp16=args.fp16, opset=args.opset,
                               parity_batch=args.parity_batch, unsafe=args.unsafe_load,
                               allow_any_class=args.allow_any_class, thresholds=thresholds,
-                              thresholds_benchmark=args.thresholds_benchmark)
+                              thresholds_benchmark=args.thresholds_benchmark, calibration=calibration,
+                              calibration_benchmark=args.calibration_benchmark)
     except ParityError as exc:
         print(f"mlearn export: error: {exc}", file=sys.stderr)
         return 1
@@ -229,6 +238,10 @@ def export(argv: List[str]) -> int:
         stored = result.metadata["thresholds"]
         listed = ", ".join(f"FAR {float(k):g}: {v['threshold']:.4f}" for k, v in stored["far"].items())
         print(f"thresholds from {stored['source']} stored ({listed})")
+    if "calibration" in result.metadata:
+        cal = result.metadata["calibration"]
+        print(f"calibration from {cal['info'].get('source')} stored "
+              f"(features {', '.join(cal['feature_names'])}, prior {cal['prior']:g})")
     if "quality" in result.metadata:
         print(f"quality head ({result.metadata['quality']['method']}) exported: output 'quality' [B]")
     return 0

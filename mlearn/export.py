@@ -16,7 +16,11 @@ training hyper-parameters, 16 hex digits), ``mlearn_version``, ``format``, ``pre
 ``input_name``, ``output_name``, ``dynamic_axes``; with ``thresholds`` (``mlearn export --thresholds``)
 also ``thresholds``: the verification thresholds at target FARs from an ``own_data`` evaluation of this
 model (:func:`mlearn.evaluation.protocols.own_data.read_thresholds`), which
-``load_model(path).verify(a, b, far=...)`` uses.
+``load_model(path).verify(a, b, far=...)`` uses; with ``calibration`` (``mlearn export --calibration``)
+also ``calibration``: a speaker score calibration (:class:`~mlearn.evaluation.metrics.calibration.Calibration`
+``to_dict()``, ``info.source`` / ``info.benchmark`` saying where it came from, see :func:`read_calibration`),
+which ``load_model(path).calibration`` returns and the trials protocol applies with
+``calibration: {from_model: true}`` (docs/protocols.md c.6).
 
 Axes: batch is dynamic; audio models (input fbank ``[B, T, num_mel_bins]``) also have a dynamic
 ``frames`` axis. ONNX/TorchScript outputs are raw (un-normalised) embeddings.
@@ -45,7 +49,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -62,6 +66,9 @@ from mlearn.inference import (
     load_model,
     resolve_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from mlearn.evaluation.metrics.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +130,8 @@ class ExportResult:
 def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLike] = None, fp16: bool = False,
                  opset: int = 17, parity_batch: int = 3, *, unsafe: bool = False,
                  allow_any_class: bool = False, thresholds: Optional[PathLike] = None,
-                 thresholds_benchmark: Optional[str] = None) -> ExportResult:
+                 thresholds_benchmark: Optional[str] = None, calibration: Optional[PathLike] = None,
+                 calibration_benchmark: Optional[str] = None) -> ExportResult:
     """Export the backbone of ``model`` (run dir or ``.ckpt``) as ``format`` and check parity.
 
     ``output`` defaults to ``<run dir>/model[_fp16].{onnx,pt,safetensors}``. The parity check embeds
@@ -138,6 +146,11 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
     ``eval/*/results.json`` with thresholds; ``thresholds_benchmark`` picks a row when several have
     them): stored as the ``thresholds`` metadata after checking, on a fixed probe input, that they were
     computed with this model (``ValueError`` otherwise; nothing is written).
+
+    ``calibration``: a calibration JSON file, or a ``results.json`` / its folder / a run dir holding a
+    calibrated trials row (see :func:`read_calibration`; ``calibration_benchmark`` picks the row when
+    several have one): stored as the ``calibration`` metadata; refused (``ValueError``, nothing written)
+    when its ``config_hash`` differs from this model's.
     """
     if format not in FORMATS:
         raise ValueError(f"format '{format}': expected one of {list(FORMATS)}")
@@ -154,6 +167,11 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
     head = info.get("quality_head")
     net = backbone if head is None else WithQuality(backbone, head.float().eval())
     record = _thresholds_for(backbone, spec, thresholds, thresholds_benchmark) if thresholds else None
+    stored_calibration = None
+    if calibration:
+        cal = read_calibration(calibration, calibration_benchmark)
+        cal.check_model(info["config_hash"], f"model {checkpoint}")
+        stored_calibration = cal.to_dict()
     output.parent.mkdir(parents=True, exist_ok=True)
     audio = spec.get("modality") == "audio"
     input_axes = {0: "batch", 1: "frames"} if audio else {0: "batch"}
@@ -174,6 +192,8 @@ def export_model(model: PathLike, format: str = "onnx", output: Optional[PathLik
     }
     if record is not None:
         metadata["thresholds"] = record
+    if stored_calibration is not None:
+        metadata["calibration"] = stored_calibration
     if head is not None:
         metadata["quality"] = info["quality"]
     to_export = copy.deepcopy(net).half() if fp16 else net
@@ -202,6 +222,63 @@ def _thresholds_for(backbone: nn.Module, spec: Dict[str, Any], source: PathLike,
     record = read_thresholds(source, benchmark)
     check_probe(TorchEmbedder(backbone, spec, device="cpu"), record, record["source"])
     return record
+
+
+def read_calibration(source: PathLike, benchmark: Optional[str] = None) -> "Calibration":
+    """The speaker score calibration of ``source``: a calibration JSON file
+    (:meth:`~mlearn.evaluation.metrics.calibration.Calibration.save`), a ``results.json`` of a trials
+    evaluation with ``calibration``, the eval folder holding it, or a run / model dir (its newest
+    ``eval/*/results.json`` with a calibrated row). ``benchmark`` picks the row when several are
+    calibrated. ``info["source"]`` (and ``info["benchmark"]`` for a results row) say where it came from."""
+    from mlearn.evaluation.metrics.calibration import FORMAT, Calibration
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "results.json" if (path / "results.json").is_file() else _latest_calibrated(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration: {path} not found (expected a calibration JSON or an eval "
+                                "results.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"calibration: {path} is not valid JSON ({exc})") from None
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        cal = Calibration.from_dict(data, str(path))
+        cal.info["source"] = str(path)
+        return cal
+    rows = all_rows = _calibrated_rows(data)
+    if benchmark is not None:
+        rows = [r for r in rows if r.get("benchmark") == benchmark]
+    if len(rows) != 1:
+        names = [r.get("benchmark") for r in all_rows]
+        what = f"no row of benchmark {benchmark!r}" if benchmark is not None and not rows else (
+            f"{len(rows)} rows" if rows else "no rows")
+        hint = (f"; pick one with --calibration-benchmark from {names}" if names else
+                " (evaluate a trials entry with calibration: {dev_trials: ...} first)")
+        raise ValueError(f"calibration: {path} has {what} with a calibration{hint}")
+    cal = Calibration.from_dict(rows[0]["calibration"], f"{path} ({rows[0].get('benchmark')})")
+    cal.info.update(source=str(path), benchmark=rows[0].get("benchmark"))
+    return cal
+
+
+def _calibrated_rows(results: Any) -> List[Dict[str, Any]]:
+    rows = results.get("results", []) if isinstance(results, dict) else []
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("calibration"), dict)]
+
+
+def _latest_calibrated(run_dir: Path) -> Path:
+    """The newest ``<run>/eval/*/results.json`` holding a calibrated row (``FileNotFoundError`` if none)."""
+    found = []
+    for path in (run_dir / "eval").glob("*/results.json"):
+        try:
+            if _calibrated_rows(json.loads(path.read_text())):
+                found.append(path)
+        except (OSError, ValueError):
+            continue
+    if not found:
+        raise FileNotFoundError(f"no evaluation with a calibration under {run_dir}/eval/*/results.json; "
+                                "evaluate a trials entry with calibration: {dev_trials: ...} first")
+    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def export_onnx(model: PathLike, output: Optional[PathLike] = None, opset: int = 17, fp16: bool = False,

@@ -264,6 +264,14 @@ class Embedder:
 
         return stored_threshold(self.metadata.get("thresholds") if thresholds is None else thresholds, far)
 
+    @property
+    def calibration(self) -> Optional[Dict[str, Any]]:
+        """The speaker score calibration stored with the model (``metadata["calibration"]``, written by
+        ``mlearn export --calibration``; a :meth:`Calibration.to_dict
+        <mlearn.evaluation.metrics.calibration.Calibration.to_dict>` dict), or None."""
+        stored = self.metadata.get("calibration")
+        return stored if isinstance(stored, dict) else None
+
     def verify(self, a: Any, b: Any, far: float = 1e-3,
                thresholds: Optional[Dict[str, Any]] = None) -> Tuple[Any, Any]:
         """Same identity? ``a`` and ``b``: one input each, or N each (whatever :meth:`embed` takes).

@@ -36,7 +36,10 @@ _POSITIVE_OR_NULL = KeyType(_int_at_least(1), "a positive integer or null", null
 
 
 def _calibration_spec(value: Any) -> bool:
-    """``{dev_trials: path, prior: p?}`` or ``{file: path}`` (the trials protocol's ``calibration``)."""
+    """``{dev_trials: path, prior: p?}``, ``{file: path}`` or ``{from_model: true}`` (the trials
+    protocol's ``calibration``)."""
+    if value == {"from_model": True}:
+        return True
     if not isinstance(value, dict) or not value or set(value) - {"dev_trials", "prior", "file"}:
         return False
     if ("dev_trials" in value) == ("file" in value) or ("file" in value and "prior" in value):
@@ -77,7 +80,8 @@ KEY_TYPES: Dict[str, KeyType] = {
     "calibration": KeyType(
         _calibration_spec,
         "a mapping {dev_trials: <trial list>, prior: <P_target in (0, 1), default 0.01>} (fit on it) or "
-        "{file: <calibration.json>} (apply a stored one)", nullable=True),
+        "{file: <calibration.json>} (apply a stored one) or {from_model: true} (apply the one stored in "
+        "the exported model)", nullable=True),
     **{key: KeyType(_rates, "a non-empty list of rates in (0, 1), e.g. [0.01, 0.001, 0.0001]")
        for key in ("fars", "quality_fmrs")},
     "quality": KeyType(lambda v: isinstance(v, list) and all(q in QUALITY_SOURCES for q in v),
@@ -137,7 +141,7 @@ class TrialsOptions:
     baselines: List[str] = field(default_factory=list)
     cohort_utts_per_speaker: Optional[int] = None
     max_trials: Optional[int] = None
-    calibration: Optional[Dict[str, Any]] = None  # {dev_trials, prior} or {file}; see trials.run
+    calibration: Optional[Dict[str, Any]] = None  # {dev_trials, prior}, {file}, {from_model}; trials.run
 
     @property
     def benchmark(self) -> str:

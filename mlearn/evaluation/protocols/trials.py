@@ -227,9 +227,10 @@ def run(model: Any, options: TrialsOptions, root: Path, batch_size: int = 64,
     embedding is subtracted and its speaker means are the AS-norm cohort); ``as_norm_top_n`` (300);
     ``subtract_mean`` (default: true with a cohort); ``baselines`` (names in :data:`BASELINES`);
     ``cohort_utts_per_speaker`` (default all); ``max_trials`` (a seeded random subset, for quick
-    checks); ``calibration`` ({dev_trials, prior} or {file}, see :func:`_calibrate`). Rows: model,
-    model+AS-norm (with a cohort), one per baseline, and with ``calibration`` the last model row
-    calibrated. ``cache``: kept by the suite run, so utterances shared by several lists are embedded once.
+    checks); ``calibration`` ({dev_trials, prior}, {file} or {from_model}, see :func:`_calibrate`).
+    Rows: model, model+AS-norm (with a cohort), one per baseline, and with ``calibration`` the last
+    model row calibrated. ``cache``: kept by the suite run, so utterances shared by several lists are
+    embedded once.
 
     Unusable trial wavs (unreadable, wrong sample rate, not mono, shorter than one fbank frame) do
     not stop the run: their trials are left out of the scores and reported loudly instead, as the
@@ -372,22 +373,34 @@ def _calibrate(model: Any, options: TrialsOptions, root: Path, wav_root: Path, b
                names: List[str]) -> Tuple[Calibration, str]:
     """The calibration of ``options.calibration`` and where it came from.
 
-    ``{file: path}``: a stored :class:`Calibration` (refused when fitted for another config hash or
-    other features). ``{dev_trials: path, prior: p}``: a trial list with keys below the same
+    ``{file: path}``: a stored :class:`Calibration`; ``{from_model: true}``: the one stored in the model
+    (``mlearn export --calibration``, ``model.calibration``); both refused when fitted for another config
+    hash or other features. ``{dev_trials: path, prior: p}``: a trial list with keys below the same
     ``wav_root``, embedded, scored and normalised exactly as the test trials, fitted by prior-weighted
     logistic regression at ``prior`` (default the first minDCF P_target, 0.01)."""
     name = options.benchmark
     spec = options.calibration or {}
     metadata = getattr(model, "metadata", None)
     config_hash = metadata.get("config_hash") if isinstance(metadata, dict) else None
-    if "file" in spec:
-        path = _resolve(root, spec["file"], name, "calibration file")
-        cal = load_calibration(path)
+    if "file" in spec or spec.get("from_model"):
+        if "file" in spec:
+            path = _resolve(root, spec["file"], name, "calibration file")
+            cal, where = load_calibration(path), f"calibration {path}"
+            source = f"stored calibration {spec['file']}"
+        else:
+            model_name = getattr(model, "source", "in memory")
+            stored = metadata.get("calibration") if isinstance(metadata, dict) else None
+            if not isinstance(stored, dict):
+                raise ValueError(f"{name}: calibration: {{from_model: true}} but model {model_name} stores "
+                                 "no calibration; export it with mlearn export --calibration RESULTS, or use "
+                                 "{dev_trials: ...} / {file: ...}")
+            where = f"the calibration stored in model {model_name}"
+            cal, source = Calibration.from_dict(stored, where), f"calibration stored in model {model_name}"
         cal.check_model(config_hash, f"the model evaluated on {name}")
         if cal.feature_names != names:
-            raise ValueError(f"{name}: calibration {path} expects features {cal.feature_names}, this "
+            raise ValueError(f"{name}: {where} expects features {cal.feature_names}, this "
                              f"protocol computes {names} (a cohort adds the cohort columns)")
-        return cal, f"stored calibration {spec['file']}"
+        return cal, source
     dev = read_trials(_resolve(root, spec["dev_trials"], name, "calibration dev trial list"))
     keys = sorted(set(dev.enroll) | set(dev.test))
     index = {k: i for i, k in enumerate(keys)}
