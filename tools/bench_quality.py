@@ -77,6 +77,7 @@ class Sizes:
     quality_weight: float = 10.0
     width: int = 16
     embedding_size: int = 64
+    input_size: int = 48
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -91,7 +92,7 @@ def training_data(sizes: Sizes, seed: int) -> Split:
     """The training split: identities drawn first from ``default_rng(seed)`` (the held-out tool skips 300
     draws of the same stream, so the two never share an identity)."""
     rng = np.random.default_rng(seed)
-    size = SPEC["init_args"]["input_size"]
+    size = sizes.input_size
     people = [sample_identity(rng) for _ in range(sizes.train_ids)]
     kinds = degradation_kinds()
     images, labels = [], []
@@ -110,7 +111,7 @@ def heldout_data(sizes: Sizes, seed: int, folder: Path) -> Dict[str, Any]:
     tool = ROOT / "tools" / "make_degraded_faces.py"
     subprocess.run([sys.executable, str(tool), "--out", str(folder), "--identities", str(sizes.heldout_ids),
                     "--images-per-identity", str(sizes.heldout_per_id), "--size",
-                    str(SPEC["init_args"]["input_size"]), "--seed", str(seed), "--no-progress"], check=True)
+                    str(sizes.input_size), "--seed", str(seed), "--no-progress"], check=True)
     with open(folder / "degradations.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     images = [np.asarray(Image.open(folder / row["file"]).convert("RGB")) for row in rows]
@@ -126,7 +127,7 @@ def heldout_data(sizes: Sizes, seed: int, folder: Path) -> Dict[str, Any]:
 
 def make_module(num_classes: int, with_quality: bool, sizes: Sizes) -> EmbeddingModule:
     spec = {**SPEC, "init_args": {**SPEC["init_args"], "width": sizes.width,
-                                  "embedding_size": sizes.embedding_size}}
+                                  "embedding_size": sizes.embedding_size, "input_size": sizes.input_size}}
     quality = QualityConfig(weight=sizes.quality_weight) if with_quality else None
     return EmbeddingModule(instantiate(spec), HeadConfig(margin=ArcFace(s=32.0, m=0.3)),
                            num_classes=num_classes,
@@ -277,13 +278,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quality-weight", type=float, default=Sizes.quality_weight)
     parser.add_argument("--width", type=int, default=Sizes.width)
     parser.add_argument("--embedding-size", type=int, default=Sizes.embedding_size)
+    parser.add_argument("--input-size", type=int, default=Sizes.input_size, help="image side in px")
     parser.add_argument("--degrade-prob", type=float, default=Sizes.degrade_prob)
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     args = parser.parse_args(argv)
     sizes = Sizes(epochs=args.epochs, train_ids=args.train_ids, train_per_id=args.train_per_id,
                   quality_weight=args.quality_weight, width=args.width, embedding_size=args.embedding_size,
-                  degrade_prob=args.degrade_prob)
+                  degrade_prob=args.degrade_prob, input_size=args.input_size)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
