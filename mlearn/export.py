@@ -231,10 +231,13 @@ def read_calibration(source: PathLike, benchmark: Optional[str] = None) -> "Cali
     ``eval/*/results.json`` with a calibrated row). ``benchmark`` picks the row when several are
     calibrated. ``info["source"]`` (and ``info["benchmark"]`` for a results row) say where it came from."""
     from mlearn.evaluation.metrics.calibration import FORMAT, Calibration
+    from mlearn.evaluation.report import latest_results_with, rows_with
 
     path = Path(source)
     if path.is_dir():
-        path = path / "results.json" if (path / "results.json").is_file() else _latest_calibrated(path)
+        path = path / "results.json" if (path / "results.json").is_file() else latest_results_with(
+            path, "calibration", "a calibration",
+            "evaluate a trials entry with calibration: {dev_trials: ...} first")
     if not path.is_file():
         raise FileNotFoundError(f"calibration: {path} not found (expected a calibration JSON or an eval "
                                 "results.json)")
@@ -246,7 +249,7 @@ def read_calibration(source: PathLike, benchmark: Optional[str] = None) -> "Cali
         cal = Calibration.from_dict(data, str(path))
         cal.info["source"] = str(path)
         return cal
-    rows = all_rows = _calibrated_rows(data)
+    rows = all_rows = rows_with(data, "calibration")
     if benchmark is not None:
         rows = [r for r in rows if r.get("benchmark") == benchmark]
     if len(rows) != 1:
@@ -261,24 +264,6 @@ def read_calibration(source: PathLike, benchmark: Optional[str] = None) -> "Cali
     return cal
 
 
-def _calibrated_rows(results: Any) -> List[Dict[str, Any]]:
-    rows = results.get("results", []) if isinstance(results, dict) else []
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("calibration"), dict)]
-
-
-def _latest_calibrated(run_dir: Path) -> Path:
-    """The newest ``<run>/eval/*/results.json`` holding a calibrated row (``FileNotFoundError`` if none)."""
-    found = []
-    for path in (run_dir / "eval").glob("*/results.json"):
-        try:
-            if _calibrated_rows(json.loads(path.read_text())):
-                found.append(path)
-        except (OSError, ValueError):
-            continue
-    if not found:
-        raise FileNotFoundError(f"no evaluation with a calibration under {run_dir}/eval/*/results.json; "
-                                "evaluate a trials entry with calibration: {dev_trials: ...} first")
-    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def export_onnx(model: PathLike, output: Optional[PathLike] = None, opset: int = 17, fp16: bool = False,

@@ -73,6 +73,30 @@ def write_results(suite: str, rows: List[ResultRow], out: Path) -> Dict[str, Any
     return results
 
 
+def rows_with(results: Any, key: str) -> List[Dict[str, Any]]:
+    """The rows of a parsed ``results.json`` whose ``key`` holds a non-empty dict (stored thresholds, a
+    fitted calibration)."""
+    rows = results.get("results", []) if isinstance(results, dict) else []
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get(key), dict) and r[key]]
+
+
+def read_rows_with(path: Path, key: str) -> List[Dict[str, Any]]:
+    """:func:`rows_with` of the ``results.json`` at ``path`` ([] when it cannot be read)."""
+    try:
+        return rows_with(json.loads(path.read_text()), key)
+    except (OSError, ValueError):
+        return []
+
+
+def latest_results_with(run_dir: Path, key: str, what: str, hint: str) -> Path:
+    """The newest ``<run_dir>/eval/*/results.json`` with a row carrying ``key``; ``FileNotFoundError``
+    naming ``what`` and how to get one (``hint``) when there is none."""
+    found = [p for p in (Path(run_dir) / "eval").glob("*/results.json") if read_rows_with(p, key)]
+    if not found:
+        raise FileNotFoundError(f"no evaluation with {what} under {run_dir}/eval/*/results.json; {hint}")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()

@@ -16,7 +16,6 @@ model they were computed with, and batch verification of a pair list (:func:`ver
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ from mlearn.evaluation.protocols.quality_eval import (
     embed_with_quality,
     quality_results,
 )
-from mlearn.evaluation.report import ResultRow
+from mlearn.evaluation.report import ResultRow, latest_results_with, read_rows_with
 from mlearn.inference import l2_normalize
 
 log = logging.getLogger(__name__)
@@ -308,21 +307,12 @@ def run_protocol(model: Any, protocol: Dict[str, Any], root: Path, batch_size: i
 
 def latest_results(run_dir: PathLike) -> Path:
     """The newest ``<run>/eval/*/results.json`` holding thresholds (``FileNotFoundError`` if none)."""
-    run_dir = Path(run_dir)
-    found = [p for p in (run_dir / "eval").glob("*/results.json") if _threshold_rows(p)]
-    if not found:
-        raise FileNotFoundError(f"no evaluation with thresholds under {run_dir}/eval/*/results.json; run "
-                                f"`mlearn eval --model {run_dir} --folder DIR` first")
-    return max(found, key=lambda p: p.stat().st_mtime)
+    return latest_results_with(Path(run_dir), "thresholds", "thresholds",
+                               f"run `mlearn eval --model {run_dir} --folder DIR` first")
 
 
 def _threshold_rows(path: Path) -> List[Dict[str, Any]]:
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    rows = results.get("results", []) if isinstance(results, dict) else []
-    return [r for r in rows if isinstance(r, dict) and r.get("thresholds")]
+    return read_rows_with(path, "thresholds")
 
 
 def read_thresholds(source: PathLike, benchmark: Optional[str] = None) -> Dict[str, Any]:
