@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlearn.evaluation.metrics import quality as qm
+from mlearn.evaluation.protocols.quality_eval import plot_curves, plot_quality_rows
 from mlearn.evaluation.report import write_results
 
 
@@ -211,7 +212,7 @@ def test_quality_rows_name_the_convention_and_plot(tmp_path):
     written = write_results("quality", rows, tmp_path)  # results.json takes the rows as they are
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["convention"] == "EDC"
     assert written["results"][2]["convention"] == "ERC (CR-FIQA)"
-    files = qm.plot_quality_rows(rows, tmp_path)
+    files = plot_quality_rows(rows, tmp_path)
     assert sorted(p.name for p in files) == ["quality_edc_fmr0.1_held_out_model.png",
                                              "quality_erc_fmr0.1_held_out_model.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in files)
@@ -219,7 +220,7 @@ def test_quality_rows_name_the_convention_and_plot(tmp_path):
 
 def test_plot_curves_writes_png(tmp_path):
     x = qm.EDC_FRACTIONS
-    out = qm.plot_curves(tmp_path / "c.png", {"q": (x, 0.1 - 0.2 * x),
+    out = plot_curves(tmp_path / "c.png", {"q": (x, 0.1 - 0.2 * x),
                                               "random": (x, np.full(31, 0.1), np.full(31, 0.01))})
     assert out.read_bytes()[:4] == b"\x89PNG"
 

@@ -14,13 +14,12 @@ Two conventions, which give different numbers on the same data, so every figure 
 
 Inputs everywhere: ``scores`` [N] (higher = more likely the same identity), ``labels`` [N] (true /
 1 = genuine), ``quality`` [N] pair quality (higher = better; :func:`pair_quality` = the min of the two
-sides). Arrays in, dicts out; :func:`plot_curves` / :func:`plot_quality_rows` are the only writers.
+sides). Arrays in, dicts out, no file I/O: the curves are drawn by
+:mod:`mlearn.evaluation.protocols.quality_eval`.
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -238,38 +237,6 @@ def supported_fmrs(num_impostors: int, fmrs: Sequence[float] = DEFAULT_QUALITY_F
     return supported, unsupported, None if message is None else message.replace("FAR", "FMR")
 
 
-Curve = Union[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]
-
-
-def plot_curves(path: Union[str, Path], curves: Mapping[str, Curve], title: str = "",
-                xlabel: str = "pairs rejected (%)") -> Path:
-    """One PNG at ``path``: FNMR against the rejected fraction for each ``name -> (fractions [F],
-    fnmr [F][, std [F]])``; a curve with ``std`` is drawn dashed with a +-std band (the random line)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, curve in curves.items():
-        x, v = 100 * np.asarray(curve[0], np.float64), np.asarray(curve[1], np.float64)
-        if len(curve) > 2:
-            band = np.asarray(curve[2], np.float64)
-            line = ax.plot(x, v, "--", label=name)[0]
-            ax.fill_between(x, v - band, v + band, color=line.get_color(), alpha=0.2)
-        else:
-            ax.plot(x, v, label=name)
-    ax.set(xlabel=xlabel, ylabel="FNMR", title=title)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
 def quality_rows(scores: np.ndarray, labels: np.ndarray, qualities: Mapping[str, np.ndarray],
                  benchmark: str, method: str = "model", fmrs: Sequence[float] = DEFAULT_QUALITY_FMRS,
                  conventions: Sequence[str] = ("edc", "erc"), draws: int = RANDOM_DRAWS,
@@ -342,24 +309,3 @@ def _row(s: np.ndarray, y: np.ndarray, q: np.ndarray, name: str, benchmark: str,
 def _below(area: float, random: Dict[str, float]) -> float:
     """How many random-draw standard deviations ``area`` lies below the random mean."""
     return float((random["mean"] - area) / random["std"]) if random["std"] > 0 else float("nan")
-
-
-def plot_quality_rows(rows: Sequence[ResultRow], out: Union[str, Path]) -> List[Path]:
-    """``quality_<edc|erc>_fmr<f>_<benchmark>_<method>.png`` in ``out`` for rows of :func:`quality_rows`:
-    every quality's curve next to the random line (mean +- std); returns the files written."""
-    groups: Dict[Tuple[str, str, str, float], List[ResultRow]] = {}
-    for row in rows:
-        key = (row.benchmark, row.method, str(row["convention"]), float(row["fmr"]))
-        groups.setdefault(key, []).append(row)
-    written = []
-    for (benchmark, method, convention, fmr), block in groups.items():
-        first = block[0]
-        x = np.asarray(first["reject_fractions"])
-        curves: Dict[str, Curve] = {str(r["quality"]): (x, np.asarray(r["fnmr"])) for r in block}
-        curves[f"random (mean ± std, {first['random_draws']} draws)"] = (
-            x, np.asarray(first["random_fnmr_mean"]), np.asarray(first["random_fnmr_std"]))
-        tag = "edc" if convention == EDC else "erc"
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"quality_{tag}_fmr{fmr:g}_{benchmark}_{method}") + ".png"
-        written.append(plot_curves(Path(out) / name, curves,
-                                   title=f"{benchmark} {method}: {convention}, FMR {fmr:g}"))
-    return written

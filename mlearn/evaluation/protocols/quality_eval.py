@@ -9,12 +9,13 @@ curves go to the run's output folder when the suite run has one (``run_cache()[O
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mlearn.evaluation.metrics.quality import pair_quality, plot_quality_rows, quality_rows
+from mlearn.evaluation.metrics.quality import EDC, pair_quality, quality_rows
 from mlearn.evaluation.report import ResultRow
 
 OUT_DIR_KEY = "out_dir"  # the suite run's output folder in the protocols' shared cache
@@ -103,3 +104,58 @@ def quality_results(scores: np.ndarray, labels: np.ndarray, first: np.ndarray, s
     summary = {"quality": list(qualities), "quality_fmr_message": message, "quality_rows": len(rows),
                "quality_figures": figures}
     return rows, summary
+
+
+Curve = Union[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def plot_curves(path: Union[str, Path], curves: Mapping[str, Curve], title: str = "",
+                xlabel: str = "pairs rejected (%)") -> Path:
+    """One PNG at ``path``: FNMR against the rejected fraction for each ``name -> (fractions [F],
+    fnmr [F][, std [F]])``; a curve with ``std`` is drawn dashed with a +-std band (the random line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, curve in curves.items():
+        x, v = 100 * np.asarray(curve[0], np.float64), np.asarray(curve[1], np.float64)
+        if len(curve) > 2:
+            band = np.asarray(curve[2], np.float64)
+            line = ax.plot(x, v, "--", label=name)[0]
+            ax.fill_between(x, v - band, v + band, color=line.get_color(), alpha=0.2)
+        else:
+            ax.plot(x, v, label=name)
+    ax.set(xlabel=xlabel, ylabel="FNMR", title=title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+
+
+def plot_quality_rows(rows: Sequence[ResultRow], out: Union[str, Path]) -> List[Path]:
+    """``quality_<edc|erc>_fmr<f>_<benchmark>_<method>.png`` in ``out`` for rows of :func:`quality_rows`:
+    every quality's curve next to the random line (mean +- std); returns the files written."""
+    groups: Dict[Tuple[str, str, str, float], List[ResultRow]] = {}
+    for row in rows:
+        key = (row.benchmark, row.method, str(row["convention"]), float(row["fmr"]))
+        groups.setdefault(key, []).append(row)
+    written = []
+    for (benchmark, method, convention, fmr), block in groups.items():
+        first = block[0]
+        x = np.asarray(first["reject_fractions"])
+        curves: Dict[str, Curve] = {str(r["quality"]): (x, np.asarray(r["fnmr"])) for r in block}
+        curves[f"random (mean ± std, {first['random_draws']} draws)"] = (
+            x, np.asarray(first["random_fnmr_mean"]), np.asarray(first["random_fnmr_std"]))
+        tag = "edc" if convention == EDC else "erc"
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"quality_{tag}_fmr{fmr:g}_{benchmark}_{method}") + ".png"
+        written.append(plot_curves(Path(out) / name, curves,
+                                   title=f"{benchmark} {method}: {convention}, FMR {fmr:g}"))
+    return written
