@@ -23,14 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "speaker").glob("*.yaml"))
 TINY = dict(num_speakers=3, utterances_per_speaker=2, videos_per_speaker=2, num_val_speakers=3,
             val_utterances_per_speaker=4, num_val_trials=8, min_seconds=0.3, max_seconds=0.5,
-            augmentation_files=1)
+            augmentation_files=1, num_dev_speakers=2, num_dev_trials=8)
 
 
 def test_synthetic_corpus_layout_disjoint_and_cached(tmp_path):
     root = make_speaker_dataset(tmp_path / "spk", **TINY)
     train = sorted(p.name for p in (root / "train").iterdir())
     val = sorted(p.name for p in (root / "val").iterdir())
-    assert train == ["id00000", "id00001", "id00002"] and val == ["id00003", "id00004", "id00005"]
+    # val/: the 3 held-out speakers of val_trials.txt (3-5), then the 2 dev speakers of dev_trials.txt (6, 7)
+    assert train == ["id00000", "id00001", "id00002"] and val == [f"id0000{k}" for k in range(3, 8)]
+    dev = read_trials(root / "dev_trials.txt")
+    assert len(dev) == 8 and {key.split("/")[0] for key in dev.enroll + dev.test} == {"id00006", "id00007"}
+    without_dev = make_speaker_dataset(tmp_path / "no_dev", **{**TINY, "num_dev_speakers": 0})
+    assert (without_dev / "val_trials.txt").read_text() == (root / "val_trials.txt").read_text()
+    assert not (without_dev / "dev_trials.txt").exists()
     wavs = (root / "train" / "id00001").rglob("*.wav")
     assert sorted(str(p.relative_to(root / "train")) for p in wavs) == [
         "id00001/v000/00000.wav", "id00001/v001/00001.wav"]
@@ -175,8 +181,10 @@ def test_quickstart_end_to_end_tiny(tmp_path, monkeypatch):
 
     suite = yaml.safe_load((ROOT / "evaluation" / "speaker_quickstart.yaml").read_text())
     protocol = suite["protocols"][0]
-    protocol.update(trials=str(data_root / "val_trials.txt"), wav_root=str(data_root / "val"))
+    protocol.update(trials=str(data_root / "val_trials.txt"), wav_root=str(data_root / "val"),
+                    calibration={"dev_trials": str(data_root / "dev_trials.txt")})
     results = run_suite(load_model(run), suite, out_dir=tmp_path / "eval")
     rows = {r["method"]: r for r in results["results"]}
-    assert set(rows) == {"model", "mfcc_mean"}
+    assert set(rows) == {"model", "mfcc_mean", "model+calibrated"}
     assert all(rows[m]["trials"] == 8 and 0.0 <= rows[m]["eer"] <= 1.0 for m in rows)
+    assert rows["model+calibrated"]["cllr"] >= rows["model+calibrated"]["min_cllr"] >= 0.0

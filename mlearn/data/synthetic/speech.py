@@ -418,17 +418,23 @@ def make_speaker_dataset(
     augmentation_files: int = 8,
     sample_rate: int = 16000,
     seed: int = 0,
+    num_dev_speakers: int = 0,
+    num_dev_trials: int = 3000,
 ) -> Path:
     """Write (or reuse, if ``root/meta.json`` matches) the synthetic speaker corpus; returns ``root``.
 
     Validation speakers never occur in ``train/``; ``val_trials.txt`` holds ``num_val_trials`` lines
-    ``label enroll test`` (half targets). A parameter change regenerates the corpus, replacing the
-    folders it wrote before; a ``root/train`` that is not a synthetic corpus is an error.
+    ``label enroll test`` (half targets). With ``num_dev_speakers`` > 0, that many further speakers
+    (in neither list above) are written to ``val/`` too, with ``dev_trials.txt`` (``num_dev_trials``
+    lines over them only): the development list a score calibration is fitted on (docs/quality.md).
+    A parameter change regenerates the corpus, replacing the folders it wrote before; a ``root/train``
+    that is not a synthetic corpus is an error.
     """
     if (num_speakers < 1 or num_val_speakers < 2 or utterances_per_speaker < 1
-            or val_utterances_per_speaker < 2):
+            or val_utterances_per_speaker < 2 or num_dev_speakers == 1 or num_dev_speakers < 0):
         raise ValueError("make_speaker_dataset: need num_speakers >= 1, num_val_speakers >= 2, "
-                         "utterances_per_speaker >= 1, val_utterances_per_speaker >= 2")
+                         "utterances_per_speaker >= 1, val_utterances_per_speaker >= 2, "
+                         "num_dev_speakers 0 or >= 2")
     if not 0 < min_seconds <= max_seconds:
         raise ValueError(f"min_seconds={min_seconds}, max_seconds={max_seconds}: expected 0 < min <= max")
     root = Path(root)
@@ -437,7 +443,8 @@ def make_speaker_dataset(
             "num_val_speakers": num_val_speakers,
             "val_utterances_per_speaker": val_utterances_per_speaker, "num_val_trials": num_val_trials,
             "min_seconds": min_seconds, "max_seconds": max_seconds, "augmentation_files": augmentation_files,
-            "sample_rate": sample_rate, "seed": seed}
+            "sample_rate": sample_rate, "seed": seed, "num_dev_speakers": num_dev_speakers,
+            "num_dev_trials": num_dev_trials}
     meta_path, marker = root / "meta.json", root / ".generating"
     if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         return root
@@ -447,6 +454,7 @@ def make_speaker_dataset(
     for name in ("train", "val", "musan", "rirs"):  # this generator's own output, from other parameters
         shutil.rmtree(root / name, ignore_errors=True)
     meta_path.unlink(missing_ok=True)
+    (root / "dev_trials.txt").unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     marker.touch()
     rng = np.random.default_rng(seed)
@@ -460,6 +468,13 @@ def make_speaker_dataset(
     (root / "val_trials.txt").write_text("".join(f"{label} {e} {t}\n" for label, e, t in trials))
     if augmentation_files:
         _augmentation_material(root, rng, augmentation_files, sample_rate)
+    if num_dev_speakers:  # drawn last: the corpus above is the same with or without them
+        dev_voices = [sample_speaker(rng) for _ in range(num_dev_speakers)]
+        dev = _write_speakers(root / "val", dev_voices, num_speakers + num_val_speakers,
+                              val_utterances_per_speaker, videos_per_speaker, seconds, rng, sample_rate,
+                              "synthetic speech: dev")
+        dev_trials = _trials(dev, videos_per_speaker, num_dev_trials, rng)
+        (root / "dev_trials.txt").write_text("".join(f"{label} {e} {t}\n" for label, e, t in dev_trials))
     meta_path.write_text(json.dumps(meta, indent=2))
     marker.unlink()
     log.info("synthetic speaker corpus written to %s", root)
