@@ -31,9 +31,12 @@ class FlatNet(nn.Module):
         return self.body(x)
 
 
-def make_module():
+def make_module(variant: str = "adaface"):
+    """``adaface``: AdaFace (batch statistics shared over ranks); ``sphereface2_quality``: SphereFace2
+    (a learned bias, all-reduced by the head, outside DDP) and a CR-FIQA quality head (inside DDP)."""
     from mlearn.heads import AdaFace
     from mlearn.module import EmbeddingModule, HeadConfig
+    from mlearn.quality import QualityConfig
     from mlearn.schedules import LRSchedule
 
     class Module(EmbeddingModule):
@@ -45,13 +48,17 @@ def make_module():
             super().configure_model()
 
     torch.manual_seed(0)
-    return Module(FlatNet(), HeadConfig(margin=AdaFace(s=16.0, m=0.3)), num_classes=CLASSES,
+    if variant == "adaface":
+        head, quality = HeadConfig(margin=AdaFace(s=16.0, m=0.3)), None
+    else:
+        head, quality = HeadConfig(margin=None, criterion="sphereface2"), QualityConfig(lr_scale=0.1)
+    return Module(FlatNet(), head, num_classes=CLASSES, quality=quality,
                   schedule=LRSchedule("poly", warmup_epochs=0.4), clip_backbone_grad_norm=50.0)
 
 
 def fit(rec: Path, out: Path, batch_size: int, devices: int = 1, strategy: object = "auto",
-        ckpt_path: str | None = None) -> pl.Trainer:
-    module = make_module()
+        ckpt_path: str | None = None, variant: str = "adaface") -> pl.Trainer:
+    module = make_module(variant)
     data = FaceDataModule(str(rec), batch_size=batch_size, num_workers=0, image_size=SIZE,
                           augmentation="standard")
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
@@ -62,10 +69,11 @@ def fit(rec: Path, out: Path, batch_size: int, devices: int = 1, strategy: objec
     return trainer
 
 
-def _worker(rank: int, world: int, rec: Path, out: Path) -> None:
+def _worker(rank: int, world: int, rec: Path, out: Path, variant: str = "adaface") -> None:
     from pytorch_lightning.strategies import DDPStrategy
 
-    fit(rec, out, PER_RANK, devices=world, strategy=DDPStrategy(process_group_backend="gloo"))
+    fit(rec, out, PER_RANK, devices=world, strategy=DDPStrategy(process_group_backend="gloo"),
+        variant=variant)
 
 
 def load(path: Path) -> Dict:
@@ -105,3 +113,19 @@ def test_ddp_training_run_equals_one_process_and_resumes_on_one(tmp_path: Path, 
     step2 = next((tmp_path / "ddp").glob("*step=2.ckpt"))
     fit(rec, tmp_path / "resumed", WORLD * PER_RANK, ckpt_path=str(step2))
     assert_same_training_state(load(tmp_path / "resumed" / "final.ckpt"), single)
+
+
+@pytest.mark.distributed
+def test_ddp_training_with_a_bias_criterion_and_a_quality_head_equals_one_process(
+        tmp_path: Path, ddp_run: Callable, tiny_recordio: Callable) -> None:
+    rec = tiny_recordio(tmp_path / "rec", CLASSES, PER_CLASS, SIZE, seed=1, grid=2, noise=30.0)
+    ddp_run(WORLD, _worker, rec, tmp_path / "ddp", "sphereface2_quality", lightning=True)
+    fit(rec, tmp_path / "single", WORLD * PER_RANK, variant="sphereface2_quality")
+    ddp, single = load(tmp_path / "ddp" / "final.ckpt"), load(tmp_path / "single" / "final.ckpt")
+    built = make_module("sphereface2_quality")
+    built.configure_model()
+    initial = built.state_dict()
+    for key in ("head.criterion.bias", "quality_head.fc.weight"):  # both trained, not left as built
+        assert not torch.equal(single["state_dict"][key], initial[key]), key
+    assert_same_training_state(ddp, single)
+
