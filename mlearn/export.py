@@ -231,7 +231,7 @@ def read_calibration(source: PathLike, benchmark: Optional[str] = None) -> "Cali
     ``eval/*/results.json`` with a calibrated row). ``benchmark`` picks the row when several are
     calibrated. ``info["source"]`` (and ``info["benchmark"]`` for a results row) say where it came from."""
     from mlearn.evaluation.metrics.calibration import FORMAT, Calibration
-    from mlearn.evaluation.report import latest_results_with, rows_with
+    from mlearn.evaluation.report import latest_results_with, one_row, rows_with
 
     path = Path(source)
     if path.is_dir():
@@ -249,18 +249,11 @@ def read_calibration(source: PathLike, benchmark: Optional[str] = None) -> "Cali
         cal = Calibration.from_dict(data, str(path))
         cal.info["source"] = str(path)
         return cal
-    rows = all_rows = rows_with(data, "calibration")
-    if benchmark is not None:
-        rows = [r for r in rows if r.get("benchmark") == benchmark]
-    if len(rows) != 1:
-        names = [r.get("benchmark") for r in all_rows]
-        what = f"no row of benchmark {benchmark!r}" if benchmark is not None and not rows else (
-            f"{len(rows)} rows" if rows else "no rows")
-        hint = (f"; pick one with --calibration-benchmark from {names}" if names else
-                " (evaluate a trials entry with calibration: {dev_trials: ...} first)")
-        raise ValueError(f"calibration: {path} has {what} with a calibration{hint}")
-    cal = Calibration.from_dict(rows[0]["calibration"], f"{path} ({rows[0].get('benchmark')})")
-    cal.info.update(source=str(path), benchmark=rows[0].get("benchmark"))
+    row = one_row(rows_with(data, "calibration"), benchmark, f"calibration: {path}", "a calibration",
+                  "pick one with --calibration-benchmark from",
+                  "evaluate a trials entry with calibration: {dev_trials: ...} first")
+    cal = Calibration.from_dict(row["calibration"], f"{path} ({row.get('benchmark')})")
+    cal.info.update(source=str(path), benchmark=row.get("benchmark"))
     return cal
 
 

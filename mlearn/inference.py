@@ -562,8 +562,7 @@ def load_backbone(path: PathLike, *, unsafe: bool = False,
     head = build_quality_head(head_state, ckpt_path) if head_state else None
     hparams = checkpoint.get("hyper_parameters", {})
     input_spec = check_input_spec(dict(getattr(backbone, "input_spec", DEFAULT_IMAGE_SPEC)), ckpt_path)
-    config_hash = hashlib.sha256(json.dumps(checkpoint.get("hyper_parameters", {}), sort_keys=True,
-                                            default=str).encode()).hexdigest()[:16]
+    config_hash = hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()[:16]
     info = {"backbone": spec, "checkpoint": str(ckpt_path), "config_hash": config_hash, "quality_head": head,
             "quality": quality_metadata(hparams.get("quality") if isinstance(hparams, dict) else None)
             if head is not None else None}

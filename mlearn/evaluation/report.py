@@ -88,6 +88,20 @@ def read_rows_with(path: Path, key: str) -> List[Dict[str, Any]]:
         return []
 
 
+def one_row(rows: List[Dict[str, Any]], benchmark: Optional[str], where: str, what: str, pick: str,
+            none_hint: str) -> Dict[str, Any]:
+    """The one row of ``rows`` (of ``benchmark`` when given); else ``ValueError``: "``where`` has no rows
+    / N rows / no row of benchmark B with ``what``" and either "; ``pick`` [names]" or " (``none_hint``)"."""
+    chosen = rows if benchmark is None else [r for r in rows if r.get("benchmark") == benchmark]
+    if len(chosen) != 1:
+        names = [r.get("benchmark") for r in rows]
+        count = f"no row of benchmark {benchmark!r}" if benchmark is not None and not chosen else (
+            f"{len(chosen)} rows" if chosen else "no rows")
+        hint = f"; {pick} {names}" if names else f" ({none_hint})"
+        raise ValueError(f"{where} has {count} with {what}{hint}")
+    return chosen[0]
+
+
 def latest_results_with(run_dir: Path, key: str, what: str, hint: str) -> Path:
     """The newest ``<run_dir>/eval/*/results.json`` with a row carrying ``key``; ``FileNotFoundError``
     naming ``what`` and how to get one (``hint``) when there is none."""

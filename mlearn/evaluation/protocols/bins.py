@@ -54,12 +54,8 @@ def run(model: SupportsEmbed, options: BinOptions, root: Path, batch_size: int,
         rows.append(verification_row(name, baseline, pixels, issame, False))
     if sources:
         pairs = np.arange(len(issame))
-        quality, summary = quality_results(np.asarray(rows[0].scores), issame, 2 * pairs, 2 * pairs + 1,
-                                           qualities, name, model, options.quality_fmrs, 0, cache)
-        rows[0].values.update(summary)
-        if summary["quality_fmr_message"]:
-            rows[0].legend = f"{rows[0].legend}\n{name} quality: {summary['quality_fmr_message']}"
-        rows += quality
+        rows += quality_results(rows[0], np.asarray(rows[0].scores), issame, 2 * pairs, 2 * pairs + 1,
+                                qualities, name, model, options.quality_fmrs, 0, cache)
     return rows
 
 

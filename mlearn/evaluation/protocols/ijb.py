@@ -155,13 +155,10 @@ def _quality_rows(meta: IJBMeta, main: ResultRow, template_ids: np.ndarray, qual
         per_template[source] = mean
     first = template_index(template_ids, meta.pairs[:, 0], "pair template")
     second = template_index(template_ids, meta.pairs[:, 1], "pair template")
-    rows, summary = quality_results(np.asarray(main.scores), meta.labels, first, second, per_template,
-                                    str(main.benchmark), model, fmrs, 0, cache)
+    rows = quality_results(main, np.asarray(main.scores), meta.labels, first, second, per_template,
+                           str(main.benchmark), model, fmrs, 0, cache)
     for row in rows:
         row.values["quality_level"] = "template: mean of its images' quality; pair: min of the two templates"
-    main.values.update(summary)
-    if summary["quality_fmr_message"]:
-        main.legend = f"{main.legend}\n{main.benchmark} quality: {summary['quality_fmr_message']}"
     return rows
 
 
@@ -174,13 +171,7 @@ def extract_features(model: SupportsEmbed, image_paths: Sequence[PathLike], land
     """Raw image features float32 [N, D]: each loose crop read (OpenCV), aligned from its 5
     ``landmarks`` [N, 5, 2] to 112x112 RGB, embedded by ``model.embed(batch, normalize=False)``;
     with ``flip`` the embedding of the mirrored crop is added. ``workers`` threads decode ahead."""
-    from tqdm import tqdm
-
-    n = len(image_paths)
-    if len(landmarks) != n:
-        raise ValueError(f"extract_features: {len(landmarks)} landmark sets for {n} images")
-    batches = tqdm(_aligned_batches(image_paths, landmarks, batch_size, workers), total=-(-n // batch_size),
-                   desc="IJB features", unit="batch", disable=not progress)
+    batches = _progress_batches(image_paths, landmarks, batch_size, workers, progress)
     return embed_batches(model, batches, flip)
 
 
@@ -190,14 +181,20 @@ def extract_features_with_quality(model: SupportsEmbed, image_paths: Sequence[Pa
                                   progress: bool = True) -> Tuple[np.ndarray, Qualities]:
     """:func:`extract_features` plus ``{source: quality [N]}`` from the same forward pass: the quality
     of each unflipped aligned crop (the mirror adds to the feature only, as the ``bin`` protocol)."""
+    batches = _progress_batches(image_paths, landmarks, batch_size, workers, progress)
+    return embed_batches_with_quality(model, batches, sources, flip)
+
+
+def _progress_batches(image_paths: Sequence[PathLike], landmarks: np.ndarray, batch_size: int, workers: int,
+                      progress: bool) -> Iterator[np.ndarray]:
+    """The aligned crops in batches (:func:`_aligned_batches`) behind a progress bar."""
     from tqdm import tqdm
 
     n = len(image_paths)
     if len(landmarks) != n:
         raise ValueError(f"extract_features: {len(landmarks)} landmark sets for {n} images")
-    batches = tqdm(_aligned_batches(image_paths, landmarks, batch_size, workers), total=-(-n // batch_size),
-                   desc="IJB features", unit="batch", disable=not progress)
-    return embed_batches_with_quality(model, batches, sources, flip)
+    return iter(tqdm(_aligned_batches(image_paths, landmarks, batch_size, workers), total=-(-n // batch_size),
+                     desc="IJB features", unit="batch", disable=not progress))
 
 
 def load_aligned(path: PathLike, landmarks: np.ndarray) -> np.ndarray:

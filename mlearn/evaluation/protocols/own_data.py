@@ -41,7 +41,7 @@ from mlearn.evaluation.protocols.quality_eval import (
     embed_with_quality,
     quality_results,
 )
-from mlearn.evaluation.report import ResultRow, latest_results_with, read_rows_with
+from mlearn.evaluation.report import ResultRow, latest_results_with, one_row, read_rows_with
 from mlearn.inference import l2_normalize
 
 log = logging.getLogger(__name__)
@@ -235,12 +235,8 @@ def run(model: Any, options: OwnDataOptions, root: Path, batch_size: int = 64,
     row = _row(name, options, scores, pair_labels, groups, info, rank, model, failures)
     if not sources:
         return [row]
-    rows, summary = quality_results(scores, pair_labels, first_idx, second_idx, qualities, name, model,
-                                    options.quality_fmrs, options.seed, cache)
-    row.values.update(summary)
-    if summary["quality_fmr_message"]:
-        row.legend = f"{row.legend or ''}\n{name} quality: {summary['quality_fmr_message']}"
-    return [row, *rows]
+    return [row, *quality_results(row, scores, pair_labels, first_idx, second_idx, qualities, name, model,
+                                  options.quality_fmrs, options.seed, cache)]
 
 
 def _rank_k(unit: np.ndarray, identities: np.ndarray, ks: Sequence[int]) -> Dict[str, Any]:
@@ -311,10 +307,6 @@ def latest_results(run_dir: PathLike) -> Path:
                                f"run `mlearn eval --model {run_dir} --folder DIR` first")
 
 
-def _threshold_rows(path: Path) -> List[Dict[str, Any]]:
-    return read_rows_with(path, "thresholds")
-
-
 def read_thresholds(source: PathLike, benchmark: Optional[str] = None) -> Dict[str, Any]:
     """The thresholds of one ``own_data`` row as stored with a model: ``{"far": {far_key: {threshold,
     threshold_ci95, far_ci95, tar}}, "score", "decision", "benchmark", "source", "impostor_pairs",
@@ -327,16 +319,8 @@ def read_thresholds(source: PathLike, benchmark: Optional[str] = None) -> Dict[s
         source = source / "results.json" if (source / "results.json").is_file() else latest_results(source)
     if not source.is_file():
         raise FileNotFoundError(f"thresholds: {source} not found (expected an eval results.json)")
-    rows = _threshold_rows(source)
-    if benchmark is not None:
-        rows = [r for r in rows if r.get("benchmark") == benchmark]
-    if len(rows) != 1:
-        names = [r.get("benchmark") for r in _threshold_rows(source)]
-        what = f"no row of benchmark {benchmark!r}" if benchmark is not None and not rows else (
-            f"{len(rows)} rows" if rows else "no rows")
-        hint = f"; pick one of {names}" if names else " (evaluate with --folder / --pairs / --trials)"
-        raise ValueError(f"thresholds: {source} has {what} with thresholds{hint}")
-    row = rows[0]
+    row = one_row(read_rows_with(source, "thresholds"), benchmark, f"thresholds: {source}", "thresholds",
+                  "pick one of", "evaluate with --folder / --pairs / --trials")
     table = {key: {k: r[k] for k in ("threshold", "threshold_ci95", "far_ci95", "tar") if k in r}
              for key, r in row["thresholds"].items()}
     return {"far": table, "score": row.get("distance", SCORE), "decision": row.get("decision"),

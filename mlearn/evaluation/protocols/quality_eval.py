@@ -75,13 +75,14 @@ def embed_batches_with_quality(model: Any, batches: Iterable[np.ndarray], source
     return np.concatenate(chunks), {s: np.concatenate(v) for s, v in parts.items()}
 
 
-def quality_results(scores: np.ndarray, labels: np.ndarray, first: np.ndarray, second: np.ndarray,
-                    qualities: Qualities, benchmark: str, model: Any, fmrs: Sequence[float], seed: int,
-                    cache: Optional[MutableMapping[Any, Any]]) -> Tuple[List[ResultRow], Dict[str, Any]]:
+def quality_results(main: ResultRow, scores: np.ndarray, labels: np.ndarray, first: np.ndarray,
+                    second: np.ndarray, qualities: Qualities, benchmark: str, model: Any,
+                    fmrs: Sequence[float], seed: int,
+                    cache: Optional[MutableMapping[Any, Any]]) -> List[ResultRow]:
     """Rows of :func:`quality_rows` for the pairs (``first[p]``, ``second[p]``) [P] with ``scores`` and
     ``labels`` [P], pair quality = min of the per-input ``qualities`` [N]; PNG curves written to the
-    suite's output folder when there is one (each row's ``figure``). Returns (rows, a summary for the
-    protocol's own row: sources, FMR message, figures)."""
+    suite's output folder when there is one (each row's ``figure``). The protocol's own row ``main``
+    gets the summary (sources, FMR message, figures) in its values and the FMR message in its legend."""
     pairs = {s: pair_quality(q[first], q[second]) for s, q in qualities.items()}
     rows, message = quality_rows(scores, labels, pairs, benchmark, "model", fmrs=fmrs, seed=seed)
     method = (model.metadata.get("quality") or {}).get("method") if isinstance(
@@ -101,9 +102,11 @@ def quality_results(scores: np.ndarray, labels: np.ndarray, first: np.ndarray, s
             figures.append(name)
             for row in block:
                 row.values["figure"] = name
-    summary = {"quality": list(qualities), "quality_fmr_message": message, "quality_rows": len(rows),
-               "quality_figures": figures}
-    return rows, summary
+    main.values.update({"quality": list(qualities), "quality_fmr_message": message,
+                        "quality_rows": len(rows), "quality_figures": figures})
+    if message:
+        main.legend = f"{main.legend or ''}\n{benchmark} quality: {message}"
+    return rows
 
 
 Curve = Union[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]

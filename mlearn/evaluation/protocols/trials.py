@@ -303,15 +303,16 @@ def run(model: Any, options: TrialsOptions, root: Path, batch_size: int = 64,
 
     scores = cosine_scores(emb["model"], e_idx, t_idx, cohort.means["model"])
     rows = [row("model", scores, {"normalisation": pre, **cohort.info})]
+    final_scores, mu = scores, None  # the scores a calibration maps (after AS-norm when on)
     if has_cohort:
         top_n = options.as_norm_top_n
         size = len(cohort.vectors["model"])
         adaptive = top_n is not None and top_n < size
         mu, sd = cohort_score_stats(emb["model"], cohort.vectors["model"], top_n, cohort.means["model"])
-        normed = apply_score_norm(scores, mu[e_idx], sd[e_idx], mu[t_idx], sd[t_idx], "s")
+        final_scores = apply_score_norm(scores, mu[e_idx], sd[e_idx], mu[t_idx], sd[t_idx], "s")
         label = (f"AS-norm (top-{top_n} per side" if adaptive else "S-norm (whole cohort")
         norm = f"{pre}; {label}, population std, cohort: {size} speaker-mean embeddings)"
-        rows.append(row("model+as-norm" if adaptive else "model+s-norm", normed,
+        rows.append(row("model+as-norm" if adaptive else "model+s-norm", final_scores,
                         {"normalisation": norm, "as_norm_top_n": top_n if adaptive else size,
                          "cohort_type": "speaker means", **cohort.info}))
     for baseline in options.baselines:
@@ -321,8 +322,7 @@ def run(model: Any, options: TrialsOptions, root: Path, batch_size: int = 64,
     if options.calibration is not None:
         final = 1 if has_cohort else 0  # the row whose scores are calibrated (after AS-norm when on)
         seconds = _seconds([_wav_path(wav_root, k) for k in keys], ok)
-        _, features, names = _trial_features(emb["model"], e_idx, t_idx, seconds, cohort,
-                                             options.as_norm_top_n)
+        features, names = _calibration_features(final_scores, seconds, e_idx, t_idx, mu)
         cal, source = _calibrate(model, options, root, wav_root, batch_size, cache, cohort, names)
         calibrated = row(f"{rows[final]['method']}+calibrated", cal.apply(features),
                          {"normalisation": rows[final]["normalisation"], "calibration": cal.to_dict(),
@@ -357,15 +357,23 @@ def _seconds(paths: List[Path], ok: np.ndarray) -> np.ndarray:
     return seconds
 
 
+def _calibration_features(scores: np.ndarray, seconds: np.ndarray, e_idx: np.ndarray, t_idx: np.ndarray,
+                          mu: Optional[np.ndarray]) -> Tuple[np.ndarray, List[str]]:
+    """:func:`quality_features` [n, F] and names of trials (``scores`` [n], after AS-norm when on;
+    ``seconds`` and the cohort top means ``mu`` (None without a cohort) per utterance)."""
+    cohort_means = () if mu is None else (mu[e_idx], mu[t_idx])
+    return quality_features(scores, seconds[e_idx], seconds[t_idx], *cohort_means)
+
+
 def _trial_features(model_emb: np.ndarray, e_idx: np.ndarray, t_idx: np.ndarray, seconds: np.ndarray,
-                    cohort: "_Cohort", top_n: Optional[int]) -> Tuple[np.ndarray, np.ndarray, List[str]]:
-    """(scores [n] after AS-norm when there is a cohort, :func:`quality_features` [n, F], names)."""
+                    cohort: "_Cohort", top_n: Optional[int]) -> Tuple[np.ndarray, List[str]]:
+    """:func:`_calibration_features` of trials scored as :func:`run` scores them (AS-norm with a cohort)."""
     scores = cosine_scores(model_emb, e_idx, t_idx, cohort.means["model"])
     if "model" not in cohort.vectors:
-        return (scores, *quality_features(scores, seconds[e_idx], seconds[t_idx]))
+        return _calibration_features(scores, seconds, e_idx, t_idx, None)
     mu, sd = cohort_score_stats(model_emb, cohort.vectors["model"], top_n, cohort.means["model"])
     scores = apply_score_norm(scores, mu[e_idx], sd[e_idx], mu[t_idx], sd[t_idx], "s")
-    return (scores, *quality_features(scores, seconds[e_idx], seconds[t_idx], mu[e_idx], mu[t_idx]))
+    return _calibration_features(scores, seconds, e_idx, t_idx, mu)
 
 
 def _calibrate(model: Any, options: TrialsOptions, root: Path, wav_root: Path, batch_size: int,
@@ -415,8 +423,8 @@ def _calibrate(model: Any, options: TrialsOptions, root: Path, wav_root: Path, b
         unusable = f" ({summarize_failures(failures)})" if failures else ""
         raise ValueError(f"{name}: the calibration dev trials {spec['dev_trials']} need scorable targets "
                          f"and non-targets; {len(labels)} of {len(dev)} are scorable{unusable}")
-    _, features, _ = _trial_features(emb["model"], e_idx[scored], t_idx[scored], _seconds(paths, ok),
-                                     cohort, options.as_norm_top_n)
+    features, _ = _trial_features(emb["model"], e_idx[scored], t_idx[scored], _seconds(paths, ok),
+                                  cohort, options.as_norm_top_n)
     prior = float(spec.get("prior") or P_TARGETS[0])
     cal = fit_calibration(features, labels, prior, names)
     cal.config_hash = config_hash
