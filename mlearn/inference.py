@@ -577,7 +577,10 @@ def split_quality_state(state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str
 
 
 def build_quality_head(state: Dict[str, Any], source: PathLike) -> Any:
-    """A float32 :class:`mlearn.quality.QualityHead` of ``state`` (``fc.weight`` [1, D], ``fc.bias`` [1])."""
+    """A float32 :class:`mlearn.quality.QualityHead` of ``state`` (``fc.weight`` [1, D], ``fc.bias`` [1],
+    ``norm_weight`` [1]; heads saved before ``norm_weight`` existed load with it at 0, their function)."""
+    import torch
+
     from mlearn.quality import QualityHead
 
     weight = state.get("fc.weight")
@@ -586,6 +589,7 @@ def build_quality_head(state: Dict[str, Any], source: PathLike) -> Any:
         raise ValueError(f"{source}: {QUALITY_PREFIX}fc.weight has shape {shape}; "
                          "expected [1, embedding size]")
     head = QualityHead(int(weight.shape[1]))
+    state = {"norm_weight": torch.zeros(1), **state}
     try:
         head.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:

@@ -123,7 +123,8 @@ class EmbeddingModule(pl.LightningModule):
             from its raw embedding; the loss adds ``weight``·smooth-L1 (global-batch mean, so W ranks
             equal one process). Its parameters train with the backbone (its weight decay, in DDP) at
             ``lr_scale`` times the backbone's learning rate (its own optimizer group);
-            the target is detached, so it never moves the class centers. None: no quality head.
+            the target is detached, so it never moves the class centers; with ``train_backbone:
+            false`` it never moves the backbone either. None: no quality head.
     """
 
     def __init__(
@@ -188,7 +189,10 @@ class EmbeddingModule(pl.LightningModule):
         self.backbone_lr_scale = float(backbone_lr_scale)
         self.head: Optional[PartialFC] = None
         self.quality = quality
-        self.quality_head = None if quality is None else QualityHead(self.embedding_size)
+        self.quality_head = None
+        if quality is not None:
+            with torch.random.fork_rng(devices=[]):  # the recogniser initialises as it would without a head
+                self.quality_head = QualityHead(self.embedding_size)
         self._corrupt_in_epoch = 0
         self._tic: Optional[float] = None
         self._rng_to_restore: Optional[Dict[str, Any]] = None
@@ -248,7 +252,8 @@ class EmbeddingModule(pl.LightningModule):
         if self.head.last_certainty is None:
             raise RuntimeError("model.quality: the head recorded no certainty (record_certainty is off)")
         ccs, nnccs = self.head.last_certainty
-        term = self.quality.loss(self.quality_head(embeddings), ccs, nnccs,
+        features = embeddings if self.quality.train_backbone else embeddings.detach()
+        term = self.quality.loss(self.quality_head(features), ccs, nnccs,
                                  global_batch=self.head.last_global_batch)
         # the global value for the log (the terms of the ranks add up to it)
         self.log("train/quality_loss", D.all_reduce_sum(term.detach()))

@@ -6,8 +6,8 @@ class center and NNCCS the largest (clamped) cosine to any other center in use. 
 the quality loss trains the regression head and the backbone, never the class centers. The ``+ 1``
 keeps the ratio finite for NNCCS ≤ 0 (the official code's ``CCS / NNCCS`` is not).
 
-The head is a linear layer on the raw embedding [B, D] -> quality [B], so an exported model computes it
-from the same output the embedding comes from.
+The head maps the raw embedding [B, D] -> quality [B] (a linear unit plus a weighted norm), so an
+exported model computes it from the same output the embedding comes from.
 """
 from __future__ import annotations
 
@@ -28,14 +28,19 @@ def certainty_ratio(ccs: torch.Tensor, nnccs: torch.Tensor) -> torch.Tensor:
 
 
 class QualityHead(nn.Module):
-    """Embedding [B, D] (un-normalised) -> predicted quality [B] (one linear unit)."""
+    """Embedding [B, D] (un-normalised) -> predicted quality [B]: ``fc(x) + norm_weight * ||x||``.
+
+    The norm term lets the head read the embedding's length, which a linear unit alone cannot, and gives
+    the joint gradient a radial path: cosine scoring ignores the length. ``norm_weight`` starts at 0.
+    """
 
     def __init__(self, embedding_size: int) -> None:
         super().__init__()
         self.fc = nn.Linear(int(embedding_size), 1)
+        self.norm_weight = nn.Parameter(torch.zeros(1))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.fc(embeddings).squeeze(-1)
+        return self.fc(embeddings).squeeze(-1) + self.norm_weight * embeddings.norm(dim=-1)
 
 
 @dataclass
@@ -50,12 +55,16 @@ class QualityConfig:
             ``weight`` times the smooth-L1's, so at the backbone's rate (SGD 0.1, momentum 0.9) a linear
             head on the raw embedding diverges (measured on the synthetic faces: predictions of 1e6
             after 200 steps, and the embedding norm with them); 0.01 trains it stably.
+        train_backbone: let the quality loss's gradient into the backbone (CR-FIQA's joint training).
+            False stops it at the embedding: only the head learns, and the recogniser is exactly the
+            run without a quality head.
     """
 
     method: str = "cr_fiqa"
     weight: float = 10.0
     beta: float = 0.5
     lr_scale: float = 0.01
+    train_backbone: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in QUALITY_METHODS:

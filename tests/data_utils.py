@@ -62,6 +62,7 @@ def add_quality_head(run: Path, size: int, seed: int = 1) -> Path:
             tensor.add_(0.2 * torch.rand(tensor.shape, generator=generator))
     checkpoint["state_dict"]["quality_head.fc.weight"] = 0.05 * torch.randn(1, size, generator=generator)
     checkpoint["state_dict"]["quality_head.fc.bias"] = torch.randn(1, generator=generator)
+    checkpoint["state_dict"]["quality_head.norm_weight"] = torch.tensor([-0.05])
     checkpoint["hyper_parameters"]["quality"] = {"method": "cr_fiqa", "weight": 10.0, "beta": 0.5}
     torch.save(checkpoint, path)
     return run

@@ -53,7 +53,9 @@ def reference_quality(run: Path, batch: np.ndarray) -> np.ndarray:
     raw = model.embed(batch, normalize=False).astype(np.float64)
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     weight = state["quality_head.fc.weight"].double().numpy()
-    return raw @ weight[0] + float(state["quality_head.fc.bias"][0])
+    norm_weight = float(state["quality_head.norm_weight"][0])
+    bias = float(state["quality_head.fc.bias"][0])
+    return raw @ weight[0] + bias + norm_weight * np.linalg.norm(raw, axis=1)
 
 
 def test_checkpoint_quality_is_the_head_on_the_raw_embedding(quality_run):
@@ -221,6 +223,7 @@ def test_checkpoint_of_the_training_module_loads_with_its_quality_head(tmp_path)
                              quality=QualityConfig())
     assert module.quality_head is not None
     torch.nn.init.normal_(module.quality_head.fc.weight, std=0.05)
+    torch.nn.init.constant_(module.quality_head.norm_weight, -0.02)
     state = {k: v for k, v in module.state_dict().items() if k.startswith(("backbone.", "quality_head."))}
     (tmp_path / "checkpoints").mkdir()
     hparams = {"backbone": {"class_path": "mlearn.models.IResNet", "init_args": FACE_ARGS},
@@ -232,3 +235,12 @@ def test_checkpoint_of_the_training_module_loads_with_its_quality_head(tmp_path)
     with torch.no_grad():
         expected = module.quality_head(module.backbone(torch.from_numpy(model.preprocess(batch)))).numpy()
     np.testing.assert_allclose(model.quality(batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_saved_without_norm_weight_loads_as_the_plain_linear_head() -> None:
+    from mlearn.inference import build_quality_head
+
+    state = {"fc.weight": torch.tensor([[0.5, -1.0]]), "fc.bias": torch.tensor([0.25])}
+    head = build_quality_head(state, "old.safetensors")
+    x = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    assert head(x).tolist() == [0.25, -2.75]

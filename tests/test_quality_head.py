@@ -221,3 +221,40 @@ def test_quality_head_trains_at_its_scaled_learning_rate() -> None:
     base = [group["initial_lr"] for group in trainer.optimizers[0].param_groups]
     assert base == pytest.approx([0.05, 0.0005, 0.1])  # backbone, quality head (x 0.5 x 0.01), centers
     assert torch.isfinite(model.quality_head(model(torch.randn(4, DIM)))).all()
+
+
+def _module_pair(train_backbone: bool) -> tuple[Any, Any]:
+    """The same seed, once without and once with a quality head: (without, with), configured."""
+    from mlearn.module import EmbeddingModule, HeadConfig
+
+    models = []
+    for quality in (None, QualityConfig(weight=10.0, train_backbone=train_backbone)):
+        torch.manual_seed(0)
+        model = EmbeddingModule(_TinyNet(), HeadConfig(margin=ArcFace(s=8.0, m=0.3)), num_classes=5,
+                                quality=quality)
+        model.configure_model()
+        models.append(model)
+    return models[0], models[1]
+
+
+def test_adding_a_quality_head_leaves_the_recogniser_initialisation_alone() -> None:
+    without, with_head = _module_pair(train_backbone=True)
+    for name, tensor in without.state_dict().items():
+        assert torch.equal(tensor, with_head.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_train_backbone_false_stops_the_quality_gradient_at_the_embedding(train_backbone: bool) -> None:
+    """Off: the backbone and centre gradients equal the run without a head bit for bit, and the head still
+    learns. On (CR-FIQA's joint training): the backbone gradient changes."""
+    without, with_head = _module_pair(train_backbone)
+    x = torch.randn(6, DIM, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    for model in (without, with_head):
+        model.training_step((x, labels), 0).backward()
+    assert with_head.quality_head is not None and with_head.quality_head.fc.weight.grad.abs().sum() > 0
+    pairs = zip(without.backbone.parameters(), with_head.backbone.parameters())
+    same = [torch.equal(p.grad, q.grad) for p, q in pairs]
+    assert all(same) != train_backbone
+    assert without.head is not None and with_head.head is not None
+    assert torch.equal(without.head.weight.grad, with_head.head.weight.grad)
