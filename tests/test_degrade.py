@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.integrate import quad
 from scipy.ndimage import laplace
+from scipy.stats import norm
 
 from mlearn.data.synthetic.degrade import (
     DEGRADATIONS,
@@ -52,17 +54,27 @@ def test_strength_zero_is_identity_and_shape_kept(face, kind):
 
 def test_blur_lowers_laplacian_variance_monotonically(face):
     sharpness = [laplace(_gray(degrade(face, "blur", s, np.random.default_rng(0)))).var() for s in STRENGTHS]
-    assert all(a > b for a, b in zip(sharpness, sharpness[1:])), sharpness
-    assert sharpness[-1] < 0.05 * sharpness[0]
+    # falls with the strength until only uint8 rounding is left (< 0.1% of the clean variance)
+    assert all(a > b or a < 1e-3 * sharpness[0] for a, b in zip(sharpness, sharpness[1:])), sharpness
+    assert sharpness[-1] < 1e-3 * sharpness[0]
+
+
+def _clipped_normal_std(sigma: float, low: float, high: float) -> float:
+    """Std of clip(N(0, sigma^2), low, high), by integration."""
+    moments = [quad(lambda x, k=k: x ** k * norm.pdf(x, scale=sigma), low, high)[0]
+               + low ** k * norm.cdf(low, scale=sigma) + high ** k * norm.sf(high, scale=sigma)
+               for k in (1, 2)]
+    return float(np.sqrt(moments[1] - moments[0] ** 2))
 
 
 def test_noise_raises_difference_std_as_stated():
-    flat = np.full((64, 64, 3), 128, np.uint8)  # mid-grey: no clipping, so the std is the stated one
+    flat = np.full((64, 64, 3), 128, np.uint8)  # mid-grey: the most room before clipping
     stds = [(degrade(flat, "noise", s, np.random.default_rng(2)).astype(float) - 128).std()
             for s in STRENGTHS]
     assert all(a < b for a, b in zip(stds, stds[1:])), stds
     for s, std in zip(STRENGTHS[1:], stds[1:]):
-        assert std == pytest.approx(s * MAX_NOISE_STD, rel=0.05)
+        # the stated std, then clipped to [0, 255] (rounding adds 1/12 grey level^2)
+        assert std == pytest.approx(_clipped_normal_std(s * MAX_NOISE_STD, -128.5, 127.5), rel=0.03)
 
 
 def _high_frequency_share(image: np.ndarray) -> float:
@@ -79,7 +91,8 @@ def _high_frequency_share(image: np.ndarray) -> float:
 
 def test_lowres_loses_high_frequencies(face):
     shares = [_high_frequency_share(degrade(face, "lowres", s, np.random.default_rng(0))) for s in STRENGTHS]
-    assert all(a > b for a, b in zip(shares, shares[1:])), shares
+    # falls with the strength until nothing above a quarter of Nyquist is left (< 0.1% of the clean share)
+    assert all(a > b or a < 1e-3 * shares[0] for a, b in zip(shares, shares[1:])), shares
     assert shares[-1] < 0.01 * shares[0]
 
 

@@ -55,3 +55,29 @@ def test_make_face_dataset_layout_disjoint_and_cached(tmp_path):
                       num_val_identities=4, num_val_pairs=20, seed=3)
     assert (root / "val.bin").stat().st_mtime_ns == stamp  # reused, not regenerated
     assert json.loads((root / "meta.json").read_text())["seed"] == 3
+
+
+def test_detail_zero_keeps_the_default_identity_stream():
+    plain, zero = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(3):
+        a, b = sample_identity(plain), sample_identity(zero, detail=0.0)
+        assert "detail" not in b and a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_detail_pattern_is_painted_on_the_skin_and_erased_by_blur():
+    """Same identity, same nuisance draws: the only difference is the identity's skin pattern, which must
+    have roughly the requested strength on the face and vanish under a strong blur."""
+    from mlearn.data.synthetic.degrade import degrade
+
+    ident = sample_identity(np.random.default_rng(2), detail=30.0)
+    plain = {k: v for k, v in ident.items() if k != "detail"}
+    with_detail = render_face(ident, np.random.default_rng(9)).astype(np.float32)
+    without = render_face(plain, np.random.default_rng(9)).astype(np.float32)
+    diff = (with_detail - without).mean(-1)
+    face = np.abs(diff) > 1
+    assert 0.15 < face.mean() < 0.6  # the skin area of a 112-px crop, not the background
+    assert 10 < diff[face].std() < 45  # std 30 grey levels, smoothed by interpolation and resampling
+    blurred = [degrade(x.astype(np.uint8), "blur", 1.0, np.random.default_rng(0)).astype(np.float32)
+               for x in (with_detail, without)]
+    assert (blurred[0] - blurred[1]).mean(-1)[face].std() < 0.6 * diff[face].std()

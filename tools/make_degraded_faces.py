@@ -48,8 +48,12 @@ def plan(count: int, kinds: Sequence[str], strengths: Sequence[float],
 def make_degraded_faces(out: Path, identities: int, images_per_identity: int, seed: int = 0,
                         identity_offset: int = 300, size: int = 112,
                         kinds: Optional[Sequence[str]] = None,
-                        strengths: Sequence[float] = DEFAULT_STRENGTHS, progress: bool = True) -> int:
-    """Write the folder and ``OUT/degradations.csv``; returns the number of images written.
+                        strengths: Sequence[float] = DEFAULT_STRENGTHS, progress: bool = True,
+                        detail: float = 0.0, clean: bool = False) -> int:
+    """Write the folder and ``OUT/degradations.csv``; returns the number of images written. ``detail``:
+    the identities' mid-frequency skin pattern (:func:`sample_identity`; 0 = the quickstart corpus's
+    identities). ``clean``: render without the renderer's own blur, noise and occluders
+    (:func:`render_face`), so each image's quality is exactly its listed degradation.
     ``ValueError`` for a non-empty ``out``, an unknown kind or a strength outside [0, 1]."""
     kinds = list(kinds) if kinds else degradation_kinds()
     unknown = sorted(set(kinds) - set(degradation_kinds()))
@@ -58,6 +62,8 @@ def make_degraded_faces(out: Path, identities: int, images_per_identity: int, se
     bad = [s for s in strengths if not 0.0 <= s <= 1.0]
     if bad or not strengths:
         raise ValueError(f"strengths {list(strengths)}: expected one or more numbers in [0, 1]")
+    if not detail >= 0:
+        raise ValueError(f"detail={detail}: expected a number >= 0")
     if identities < 1 or images_per_identity < 1 or identity_offset < 0:
         raise ValueError(f"identities={identities}, images_per_identity={images_per_identity}, "
                          f"identity_offset={identity_offset}: expected >= 1, >= 1, >= 0")
@@ -65,8 +71,8 @@ def make_degraded_faces(out: Path, identities: int, images_per_identity: int, se
         raise ValueError(f"{out}: exists and is not an empty folder (nothing is overwritten)")
     identity_rng = np.random.default_rng(seed)
     for _ in range(identity_offset):
-        sample_identity(identity_rng)
-    people = [sample_identity(identity_rng) for _ in range(identities)]
+        sample_identity(identity_rng, detail)
+    people = [sample_identity(identity_rng, detail) for _ in range(identities)]
     rng = np.random.default_rng([seed, 1])  # images: a stream apart from the identity draws
     assignments = plan(identities * images_per_identity, kinds, strengths, rng)
     rows = []
@@ -77,7 +83,7 @@ def make_degraded_faces(out: Path, identities: int, images_per_identity: int, se
         folder.mkdir(parents=True)
         for n in range(images_per_identity):
             kind, strength = assignments[k * images_per_identity + n]
-            image = degrade(render_face(people[k], rng, size), kind, strength, rng)
+            image = degrade(render_face(people[k], rng, size, clean=clean), kind, strength, rng)
             Image.fromarray(image).save(folder / f"{n:03d}.png")
             rows.append((f"{name}/{n:03d}.png", name, kind, f"{strength:g}"))
     with open(out / CSV_NAME, "w", newline="") as handle:
@@ -106,13 +112,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=None, help=f"subset of {degradation_kinds()}")
     parser.add_argument("--strengths", type=_floats, default=list(DEFAULT_STRENGTHS),
                         help="strength grid, comma-separated (default 0,0.2,0.4,0.6,0.8,1)")
+    parser.add_argument("--detail", type=float, default=0.0,
+                        help="std (grey levels) of the identities' mid-frequency skin pattern; 0 = none")
+    parser.add_argument("--clean", action="store_true",
+                        help="no blur/noise/occluder from the renderer: each image's only one is listed")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         written = make_degraded_faces(args.out, args.identities, args.images_per_identity, args.seed,
                                       args.identity_offset, args.size, args.kinds, args.strengths,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, detail=args.detail,
+                                      clean=args.clean)
     except ValueError as exc:
         print(f"make_degraded_faces: error: {exc}", file=sys.stderr)
         return 2

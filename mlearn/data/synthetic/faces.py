@@ -38,9 +38,19 @@ _HAIR = np.array([[30, 25, 20], [80, 55, 35], [150, 110, 60], [200, 170, 110], [
 _IRIS = np.array([[60, 40, 25], [70, 110, 150], [80, 120, 70], [40, 40, 40]], float)
 
 
-def sample_identity(rng: np.random.Generator) -> Dict[str, Any]:
-    """Draw the fixed parameters of one identity (canvas units, 224x224)."""
-    return {
+DETAIL_CELLS = 8  # the identity's mid-frequency skin pattern: a DETAIL_CELLS^2 grid over the face box
+
+
+def sample_identity(rng: np.random.Generator, detail: float = 0.0) -> Dict[str, Any]:
+    """Draw the fixed parameters of one identity (canvas units, 224x224).
+
+    ``detail`` > 0 adds a mid-frequency skin pattern (freckle/pore-like marks: a DETAIL_CELLS x
+    DETAIL_CELLS grid of luminance offsets with std ``detail`` grey levels, smoothly interpolated over the
+    face, ~9 px per cell at 112 px). Blur, noise and low resolution erase it long before they erase the
+    coarse shapes, so identity then depends on image quality. The extra draws come after all others:
+    ``detail=0`` (the default corpus) draws exactly what it always did.
+    """
+    ident = {
         "skin": _SKIN[rng.integers(len(_SKIN))] + rng.normal(0, 6, 3),
         "hair": _HAIR[rng.integers(len(_HAIR))] + rng.normal(0, 6, 3),
         "iris": _IRIS[rng.integers(len(_IRIS))],
@@ -65,16 +75,27 @@ def sample_identity(rng: np.random.Generator) -> Dict[str, Any]:
         "moles": rng.uniform(-50, 50, (int(rng.integers(0, 4)), 2)),
         "blotch": rng.normal(0, 14, (4, 4, 3)),
     }
+    if detail > 0:
+        ident["detail"] = rng.normal(0, detail, (DETAIL_CELLS, DETAIL_CELLS))
+    return ident
 
 
-def render_face(ident: Dict[str, Any], rng: np.random.Generator, size: int = 112) -> np.ndarray:
-    """Render one image of ``ident`` under random nuisances. Returns uint8 [size, size, 3] RGB."""
+def render_face(ident: Dict[str, Any], rng: np.random.Generator, size: int = 112,
+                clean: bool = False) -> np.ndarray:
+    """Render one image of ``ident`` under random nuisances. Returns uint8 [size, size, 3] RGB.
+
+    ``clean``: only the appearance nuisances (pose, expression, illumination, background); no blur,
+    sensor noise or occluder, so image quality is left to :mod:`mlearn.data.synthetic.degrade` at a
+    known strength.
+    """
     background = tuple(int(v) for v in rng.uniform(20, 235, 3))
     canvas = Image.new("RGB", (_CANVAS, _CANVAS), background)
     _draw_face(canvas, ident, rng)
     canvas = _random_affine(canvas, rng, size, background)
     image = np.asarray(canvas, dtype=np.float32)
     image = _illuminate(image, rng)
+    if clean:
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
     out = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     if rng.random() < 0.5:
         out = out.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.6))))
@@ -133,15 +154,24 @@ def _draw_face(canvas: Image.Image, p: Dict[str, Any], rng: np.random.Generator)
 
 
 def _paint_blotches(canvas: Image.Image, p: Dict[str, Any], cx: float, cy: float) -> None:
-    """Add the identity's low-frequency skin texture inside the face region."""
+    """Add the identity's skin texture inside the face region: low-frequency colour blotches and, when the
+    identity has one, the mid-frequency luminance pattern."""
     array = np.asarray(canvas, dtype=np.float32).copy()
+    box = (int(2 * p["face_w"]), int(2 * p["face_h"]))
     tex = np.asarray(Image.fromarray(((p["blotch"] + 128).clip(0, 255)).astype(np.uint8)).resize(
-        (int(2 * p["face_w"]), int(2 * p["face_h"])), Image.BICUBIC), dtype=np.float32) - 128
+        box, Image.BICUBIC), dtype=np.float32) - 128
+    if "detail" in p:
+        tex = tex + _upsample(p["detail"], box)[..., None]
     y0, x0 = int(cy - p["face_h"]), int(cx - p["face_w"])
     region = array[y0:y0 + tex.shape[0], x0:x0 + tex.shape[1]]
     skin_mask = (np.abs(region - p["skin"]).sum(-1, keepdims=True) < 20).astype(np.float32)
     region += tex[: region.shape[0], : region.shape[1]] * skin_mask
     canvas.paste(Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)))
+
+
+def _upsample(grid: np.ndarray, box: Tuple[int, int]) -> np.ndarray:
+    """Bicubic upsampling of a float [h, w] grid to ``box`` = (width, height) px, in float32."""
+    return np.asarray(Image.fromarray(grid.astype(np.float32), mode="F").resize(box, Image.BICUBIC))
 
 
 def _random_affine(canvas: Image.Image, rng: np.random.Generator, size: int,
