@@ -2,13 +2,15 @@
 
 One flow, on CPU, everything but the held-out folder in memory:
 
-1. training set: synthetic identities (:mod:`mlearn.data.synthetic.faces`), each image degraded with
-   probability ``degrade_prob`` by one kind of :mod:`mlearn.data.synthetic.degrade` at a uniform strength
-   (as real corpora hold some blurred, noisy, small or occluded faces, from which CR-FIQA learns);
-2. held-out set: ``tools/make_degraded_faces.py`` (disjoint identities, every image at a known kind and
-   strength, listed in ``degradations.csv``);
-3. two runs with the same seed and budget: a tiny IResNet + ArcFace without and with the CR-FIQA head
-   (``EmbeddingModule(quality=QualityConfig())``: smooth-L1, beta 0.5, weight 10);
+1. training set: synthetic identities with a mid-frequency skin pattern (:mod:`mlearn.data.synthetic.faces`,
+   ``detail``), rendered clean, each image then degraded with probability ``degrade_prob`` by one kind of
+   :mod:`mlearn.data.synthetic.degrade` at a strength uniform in [0, ``train_max_strength``] (as real
+   corpora hold some blurred, noisy, small or occluded faces, from which CR-FIQA learns);
+2. held-out set: ``tools/make_degraded_faces.py --clean`` (disjoint identities, every image at a known
+   kind and strength of the full grid 0..1, listed in ``degradations.csv``);
+3. two runs with the same seed and budget: a small IResNet + ArcFace without and with the CR-FIQA head
+   (``EmbeddingModule(quality=QualityConfig())``: smooth-L1, beta 0.5, weight 10; ``--head-only`` for
+   ``train_backbone=False``);
 4. on the held-out set: Spearman(quality, degradation strength) of the CR-FIQA head and of the embedding-norm
    baseline; the quality-aware verification rows over ALL pairs of the held-out set
    (:func:`mlearn.evaluation.metrics.quality.quality_rows`: EDC pAUC to 20% / 30% and CR-FIQA's ERC, FNMR
@@ -17,8 +19,8 @@ One flow, on CPU, everything but the held-out folder in memory:
 5. the training step time with and without the quality head, measured side by side in this process
    (alternating, median of ``step_reps`` forward + backward passes on the same batch).
 
-  python tools/bench_quality.py                        # ~5 min on 2 CPU cores
-  python tools/bench_quality.py --seeds 0 1 2 --out /tmp/bench_quality.md
+  python tools/bench_quality.py --head-only            # ~10 min per seed on 2 CPU cores
+  python tools/bench_quality.py --seeds 0 1 2 --head-only --out /tmp/bench_quality.md
 """
 from __future__ import annotations
 
@@ -65,19 +67,24 @@ SPEC = {"class_path": "mlearn.models.IResNet",
 class Sizes:
     """Corpus and training sizes of one run."""
 
-    train_ids: int = 150
-    train_per_id: int = 16
+    train_ids: int = 400
+    train_per_id: int = 60
     degrade_prob: float = 0.5
-    epochs: int = 10
+    train_max_strength: float = 0.5  # training degradations: strength uniform in [0, this]
+    epochs: int = 8
     batch_size: int = 32
     heldout_ids: int = 50
     heldout_per_id: int = 12
     draws: int = 20  # random-rejection draws
     step_reps: int = 20
     quality_weight: float = 10.0
-    width: int = 16
-    embedding_size: int = 64
+    lr_scale: float = 0.01  # QualityConfig.lr_scale
+    train_backbone: bool = True  # QualityConfig.train_backbone
+    width: int = 32
+    embedding_size: int = 128
     input_size: int = 48
+    detail: float = 30.0  # std of the identities' mid-frequency skin pattern (sample_identity)
+    mild_max_strength: float = 0.6  # the second view of the held-out set: images up to this strength
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -90,17 +97,18 @@ def _normalised(images: List[np.ndarray]) -> torch.Tensor:
 
 def training_data(sizes: Sizes, seed: int) -> Split:
     """The training split: identities drawn first from ``default_rng(seed)`` (the held-out tool skips 300
-    draws of the same stream, so the two never share an identity)."""
+    draws of the same stream, so the two never share an identity); clean renders, a ``degrade_prob``
+    share of them degraded by one kind at a strength uniform in [0, ``train_max_strength``]."""
     rng = np.random.default_rng(seed)
-    size = sizes.input_size
-    people = [sample_identity(rng) for _ in range(sizes.train_ids)]
+    people = [sample_identity(rng, sizes.detail) for _ in range(sizes.train_ids)]
     kinds = degradation_kinds()
     images, labels = [], []
     for label, person in enumerate(people):
         for _ in range(sizes.train_per_id):
-            image = render_face(person, rng, size)
+            image = render_face(person, rng, sizes.input_size, clean=True)
             if rng.random() < sizes.degrade_prob:
-                image = degrade(image, kinds[int(rng.integers(len(kinds)))], float(rng.random()), rng)
+                strength = sizes.train_max_strength * float(rng.random())
+                image = degrade(image, kinds[int(rng.integers(len(kinds)))], strength, rng)
             images.append(image)
             labels.append(label)
     return _normalised(images), torch.tensor(labels)
@@ -111,7 +119,8 @@ def heldout_data(sizes: Sizes, seed: int, folder: Path) -> Dict[str, Any]:
     tool = ROOT / "tools" / "make_degraded_faces.py"
     subprocess.run([sys.executable, str(tool), "--out", str(folder), "--identities", str(sizes.heldout_ids),
                     "--images-per-identity", str(sizes.heldout_per_id), "--size",
-                    str(sizes.input_size), "--seed", str(seed), "--no-progress"], check=True)
+                    str(sizes.input_size), "--seed", str(seed), "--detail", str(sizes.detail),
+                    "--clean", "--no-progress"], check=True)
     with open(folder / "degradations.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     images = [np.asarray(Image.open(folder / row["file"]).convert("RGB")) for row in rows]
@@ -128,7 +137,8 @@ def heldout_data(sizes: Sizes, seed: int, folder: Path) -> Dict[str, Any]:
 def make_module(num_classes: int, with_quality: bool, sizes: Sizes) -> EmbeddingModule:
     spec = {**SPEC, "init_args": {**SPEC["init_args"], "width": sizes.width,
                                   "embedding_size": sizes.embedding_size, "input_size": sizes.input_size}}
-    quality = QualityConfig(weight=sizes.quality_weight) if with_quality else None
+    quality = QualityConfig(weight=sizes.quality_weight, lr_scale=sizes.lr_scale,
+                            train_backbone=sizes.train_backbone) if with_quality else None
     return EmbeddingModule(instantiate(spec), HeadConfig(margin=ArcFace(s=32.0, m=0.3)),
                            num_classes=num_classes,
                            optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4),
@@ -204,7 +214,10 @@ def evaluate(module: EmbeddingModule, heldout: Dict[str, Any], sizes: Sizes, see
     result: Dict[str, Any] = {"eer": float(roc["eer"]),
                               "tar_at_far_1e-3": float(roc["tar_at_far_strict"][1e-3]),
                               "accuracy": float(accuracy["accuracy"]),
-                              "spearman_norm": float(spearmanr(norm, heldout["strength"])[0])}
+                              "spearman_norm": float(spearmanr(norm, heldout["strength"])[0]),
+                              "mean_score_by_strength": _mean_by_strength(scores, same, heldout["strength"],
+                                                                          i, j),
+                              "mean_score_vs_clean": _mean_vs_clean(scores, same, heldout, i, j)}
     qualities = {"norm": pair_quality(norm[i], norm[j])}
     if quality is not None:
         result["spearman_cr_fiqa"] = float(spearmanr(quality, heldout["strength"])[0])
@@ -217,7 +230,44 @@ def evaluate(module: EmbeddingModule, heldout: Dict[str, Any], sizes: Sizes, see
                                  draws=sizes.draws, seed=seed)
     result["quality_rows"] = [row.values for row in rows]
     result["fmr_message"] = message
+    # the same models on the images up to mild_max_strength only: a set whose bad share fits the 30% budget
+    mild = heldout["strength"] <= sizes.mild_max_strength
+    keep = mild[i] & mild[j]
+    rows, message = quality_rows(scores[keep], same[keep], {name: q[keep] for name, q in qualities.items()},
+                                 benchmark="synthetic_degraded_mild", fmrs=(1e-3,), draws=sizes.draws,
+                                 seed=seed)
+    result["mild"] = {"max_strength": sizes.mild_max_strength, "images": int(mild.sum()),
+                      "spearman_norm": float(spearmanr(norm[mild], heldout["strength"][mild])[0]),
+                      "quality_rows": [row.values for row in rows], "fmr_message": message}
+    if quality is not None:
+        result["mild"]["spearman_cr_fiqa"] = float(spearmanr(quality[mild], heldout["strength"][mild])[0])
     return result
+
+
+def _mean_by_strength(scores: np.ndarray, same: np.ndarray, strength: np.ndarray, i: np.ndarray,
+                      j: np.ndarray) -> Dict[str, Dict[str, float]]:
+    """Mean genuine and impostor cosine by the pair's worse degradation strength (the max of the two)."""
+    worst = np.maximum(strength[i], strength[j])
+    return {f"{level:g}": {"genuine": float(scores[same & (worst == level)].mean()),
+                           "impostor": float(scores[~same & (worst == level)].mean())}
+            for level in np.unique(worst)}
+
+
+def _mean_vs_clean(scores: np.ndarray, same: np.ndarray, heldout: Dict[str, Any], i: np.ndarray,
+                   j: np.ndarray) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Mean genuine and impostor cosine of degraded faces against clean ones (strength 0), by the
+    degraded side's kind and strength: how much identity each degradation leaves."""
+    strength, kind = heldout["strength"], heldout["kind"]
+    one_clean = (strength[i] == 0) != (strength[j] == 0)
+    other = np.where(strength[i] == 0, j, i)
+    table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name in sorted(set(kind)):
+        table[str(name)] = {}
+        for level in np.unique(strength[strength > 0]):
+            pick = one_clean & (kind[other] == name) & (strength[other] == level)
+            table[str(name)][f"{level:g}"] = {"genuine": float(scores[pick & same].mean()),
+                                         "impostor": float(scores[pick & ~same].mean())}
+    return table
 
 
 def run(sizes: Sizes, seed: int, workdir: Path) -> Dict[str, Any]:
@@ -227,7 +277,7 @@ def run(sizes: Sizes, seed: int, workdir: Path) -> Dict[str, Any]:
     results: Dict[str, Any] = {"seed": seed, "sizes": asdict(sizes), "heldout_images": len(heldout["labels"])}
     for name, with_quality in (("baseline", False), ("cr_fiqa", True)):
         torch.manual_seed(seed)
-        module = make_module(sizes.train_ids, with_quality, sizes)
+        module = make_module(int(data[1].max()) + 1, with_quality, sizes)
         seconds = train(module, data, sizes, seed)
         results[name] = {**evaluate(module, heldout, sizes, seed), "train_seconds": round(seconds, 1)}
     results["step_time"] = step_times(data, sizes, seed)
@@ -245,26 +295,39 @@ def _row_value(rows: List[Dict[str, Any]], quality: str, convention: str, key: s
     return float("nan")
 
 
-def markdown(results: List[Dict[str, Any]]) -> str:
-    lines = ["| seed | Spearman CR-FIQA | Spearman norm | EDC pAUC30 CR-FIQA | EDC pAUC30 norm "
-             "| random (mean ± std) | CR-FIQA below random (std) | ERC AUC CR-FIQA / norm / random "
-             "| accuracy with / without | EER with / without | step time with / without |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        q, b, step = r["cr_fiqa"], r["baseline"], r["step_time"]
-        rows = q["quality_rows"]
-        lines.append(
-            f"| {r['seed']} | {q['spearman_cr_fiqa']:.3f} | {q['spearman_norm']:.3f} "
+_VIEW_HEADER = ("| Spearman CR-FIQA | Spearman norm | EDC pAUC30 CR-FIQA | EDC pAUC30 norm "
+                "| random (mean ± std) | CR-FIQA below random (std) | ERC AUC CR-FIQA / norm / random ")
+
+
+def _view_cells(view: Dict[str, Any]) -> str:
+    """The quality columns of one view (all images, or the mild ones) of one seed."""
+    rows = view["quality_rows"]
+    return (f"| {view['spearman_cr_fiqa']:.3f} | {view['spearman_norm']:.3f} "
             f"| {_row_value(rows, 'cr_fiqa', 'EDC', 'edc_pauc_0.30'):.4f} "
             f"| {_row_value(rows, 'norm', 'EDC', 'edc_pauc_0.30'):.4f} "
             f"| {_row_value(rows, 'cr_fiqa', 'EDC', 'random_edc_pauc_0.30_mean'):.4f} ± "
             f"{_row_value(rows, 'cr_fiqa', 'EDC', 'random_edc_pauc_0.30_std'):.4f} "
             f"| {_row_value(rows, 'cr_fiqa', 'EDC', 'edc_pauc_0.30_below_random_std'):.1f} "
             f"| {_row_value(rows, 'cr_fiqa', 'ERC', 'erc_auc'):.4f} / "
-            f"{_row_value(rows, 'norm', 'ERC', 'erc_auc'):.4f}"
-            f" / {_row_value(rows, 'cr_fiqa', 'ERC', 'random_erc_auc_mean'):.4f} "
-            f"| {q['accuracy'] * 100:.2f} / {b['accuracy'] * 100:.2f} | {q['eer']:.4f} / {b['eer']:.4f} "
-            f"| {step['ratio']:.3f}x ({step['ms_with']:.1f} / {step['ms_without']:.1f} ms) |")
+            f"{_row_value(rows, 'norm', 'ERC', 'erc_auc'):.4f} / "
+            f"{_row_value(rows, 'cr_fiqa', 'ERC', 'random_erc_auc_mean'):.4f} ")
+
+
+def markdown(results: List[Dict[str, Any]]) -> str:
+    """Two tables: every held-out image, then the images up to ``mild_max_strength``."""
+    lines = ["| seed " + _VIEW_HEADER + "| accuracy with / without | EER with / without "
+             "| step time with / without |", "|---" * 11 + "|"]
+    for r in results:
+        q, b, step = r["cr_fiqa"], r["baseline"], r["step_time"]
+        lines.append(f"| {r['seed']} " + _view_cells(q)
+                     + f"| {q['accuracy'] * 100:.2f} / {b['accuracy'] * 100:.2f} "
+                     f"| {q['eer']:.4f} / {b['eer']:.4f} "
+                     f"| {step['ratio']:.3f}x ({step['ms_with']:.1f} / {step['ms_without']:.1f} ms) |")
+    lines += ["", "| seed | images (strength ≤ max) " + _VIEW_HEADER + "|", "|---" * 9 + "|"]
+    for r in results:
+        mild = r["cr_fiqa"]["mild"]
+        lines.append(f"| {r['seed']} | {mild['images']} (≤ {mild['max_strength']:g}) "
+                     + _view_cells(mild) + "|")
     return "\n".join(lines) + "\n"
 
 
@@ -276,16 +339,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--train-ids", type=int, default=Sizes.train_ids)
     parser.add_argument("--train-per-id", type=int, default=Sizes.train_per_id)
     parser.add_argument("--quality-weight", type=float, default=Sizes.quality_weight)
+    parser.add_argument("--lr-scale", type=float, default=Sizes.lr_scale,
+                        help="the quality head's learning rate relative to the backbone's")
+    parser.add_argument("--head-only", action="store_true",
+                        help="stop the quality loss at the embedding (QualityConfig.train_backbone=False)")
     parser.add_argument("--width", type=int, default=Sizes.width)
     parser.add_argument("--embedding-size", type=int, default=Sizes.embedding_size)
     parser.add_argument("--input-size", type=int, default=Sizes.input_size, help="image side in px")
     parser.add_argument("--degrade-prob", type=float, default=Sizes.degrade_prob)
+    parser.add_argument("--train-max-strength", type=float, default=Sizes.train_max_strength,
+                        help="training degradations' strength is uniform in [0, this]")
+    parser.add_argument("--detail", type=float, default=Sizes.detail,
+                        help="std (grey levels) of the identities' mid-frequency skin pattern; 0 = none")
+    parser.add_argument("--mild-max-strength", type=float, default=Sizes.mild_max_strength,
+                        help="also report the held-out images up to this strength alone")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     args = parser.parse_args(argv)
     sizes = Sizes(epochs=args.epochs, train_ids=args.train_ids, train_per_id=args.train_per_id,
-                  quality_weight=args.quality_weight, width=args.width, embedding_size=args.embedding_size,
-                  degrade_prob=args.degrade_prob, input_size=args.input_size)
+                  quality_weight=args.quality_weight, lr_scale=args.lr_scale,
+                  train_backbone=not args.head_only, width=args.width,
+                  embedding_size=args.embedding_size,
+                  degrade_prob=args.degrade_prob, train_max_strength=args.train_max_strength,
+                  input_size=args.input_size, detail=args.detail,
+                  mild_max_strength=args.mild_max_strength)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
