@@ -214,43 +214,50 @@ def evaluate(module: EmbeddingModule, heldout: Dict[str, Any], sizes: Sizes, see
     result: Dict[str, Any] = {"eer": float(roc["eer"]),
                               "tar_at_far_1e-3": float(roc["tar_at_far_strict"][1e-3]),
                               "accuracy": float(accuracy["accuracy"]),
-                              "spearman_norm": float(spearmanr(norm, heldout["strength"])[0]),
                               "mean_score_by_strength": _mean_by_strength(scores, same, heldout["strength"],
                                                                           i, j),
                               "mean_score_vs_clean": _mean_vs_clean(scores, same, heldout, i, j)}
-    qualities = {"norm": pair_quality(norm[i], norm[j])}
+    qualities = {"norm": norm} if quality is None else {"cr_fiqa": quality, "norm": norm}
+    everything = np.ones(len(labels), dtype=bool)
+    result.update(_quality_view(scores, same, i, j, qualities, heldout["strength"], everything,
+                                "synthetic_degraded", sizes, seed))
     if quality is not None:
-        result["spearman_cr_fiqa"] = float(spearmanr(quality, heldout["strength"])[0])
         kinds = heldout["kind"]
         result["spearman_cr_fiqa_by_kind"] = {
             kind: float(spearmanr(quality[kinds == kind], heldout["strength"][kinds == kind])[0])
             for kind in sorted(set(kinds))}
-        qualities = {"cr_fiqa": pair_quality(quality[i], quality[j]), **qualities}
-    rows, message = quality_rows(scores, same, qualities, benchmark="synthetic_degraded", fmrs=(1e-3,),
-                                 draws=sizes.draws, seed=seed)
-    result["quality_rows"] = [row.values for row in rows]
-    result["fmr_message"] = message
     # the same models on the images up to mild_max_strength only: a set whose bad share fits the 30% budget
     mild = heldout["strength"] <= sizes.mild_max_strength
-    keep = mild[i] & mild[j]
-    rows, message = quality_rows(scores[keep], same[keep], {name: q[keep] for name, q in qualities.items()},
-                                 benchmark="synthetic_degraded_mild", fmrs=(1e-3,), draws=sizes.draws,
-                                 seed=seed)
     result["mild"] = {"max_strength": sizes.mild_max_strength, "images": int(mild.sum()),
-                      "spearman_norm": float(spearmanr(norm[mild], heldout["strength"][mild])[0]),
-                      "quality_rows": [row.values for row in rows], "fmr_message": message}
-    if quality is not None:
-        result["mild"]["spearman_cr_fiqa"] = float(spearmanr(quality[mild], heldout["strength"][mild])[0])
+                      **_quality_view(scores, same, i, j, qualities, heldout["strength"], mild,
+                                      "synthetic_degraded_mild", sizes, seed)}
     return result
+
+
+def _quality_view(scores: np.ndarray, same: np.ndarray, i: np.ndarray, j: np.ndarray,
+                  qualities: Dict[str, np.ndarray], strength: np.ndarray, images: np.ndarray,
+                  benchmark: str, sizes: Sizes, seed: int) -> Dict[str, Any]:
+    """Spearman(quality, strength) per quality [N] and the quality rows over the pairs (i, j) whose two
+    images are both in the boolean mask ``images`` [N]."""
+    keep = images[i] & images[j]
+    pairs = {name: pair_quality(q[i[keep]], q[j[keep]]) for name, q in qualities.items()}
+    rows, message = quality_rows(scores[keep], same[keep], pairs, benchmark=benchmark, fmrs=(1e-3,),
+                                 draws=sizes.draws, seed=seed)
+    view: Dict[str, Any] = {f"spearman_{name}": float(spearmanr(q[images], strength[images])[0])
+                            for name, q in qualities.items()}
+    return {**view, "quality_rows": [row.values for row in rows], "fmr_message": message}
+
+
+def _pair_means(scores: np.ndarray, same: np.ndarray, pick: np.ndarray) -> Dict[str, float]:
+    """Mean genuine and impostor score of the pairs in the boolean mask ``pick``."""
+    return {"genuine": float(scores[pick & same].mean()), "impostor": float(scores[pick & ~same].mean())}
 
 
 def _mean_by_strength(scores: np.ndarray, same: np.ndarray, strength: np.ndarray, i: np.ndarray,
                       j: np.ndarray) -> Dict[str, Dict[str, float]]:
     """Mean genuine and impostor cosine by the pair's worse degradation strength (the max of the two)."""
     worst = np.maximum(strength[i], strength[j])
-    return {f"{level:g}": {"genuine": float(scores[same & (worst == level)].mean()),
-                           "impostor": float(scores[~same & (worst == level)].mean())}
-            for level in np.unique(worst)}
+    return {f"{level:g}": _pair_means(scores, same, worst == level) for level in np.unique(worst)}
 
 
 def _mean_vs_clean(scores: np.ndarray, same: np.ndarray, heldout: Dict[str, Any], i: np.ndarray,
@@ -265,8 +272,7 @@ def _mean_vs_clean(scores: np.ndarray, same: np.ndarray, heldout: Dict[str, Any]
         table[str(name)] = {}
         for level in np.unique(strength[strength > 0]):
             pick = one_clean & (kind[other] == name) & (strength[other] == level)
-            table[str(name)][f"{level:g}"] = {"genuine": float(scores[pick & same].mean()),
-                                         "impostor": float(scores[pick & ~same].mean())}
+            table[str(name)][f"{level:g}"] = _pair_means(scores, same, pick)
     return table
 
 
