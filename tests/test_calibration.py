@@ -204,10 +204,16 @@ def test_duration_features_calibrate_a_held_out_split_without_raising_min_dcf():
 def test_calibration_round_trip_and_hash_mismatch_refused(tmp_path):
     features, names = quality_features(np.array([0.1, 0.7, 0.3, 0.9]), np.array([1.0, 2.0, 4.0, 8.0]),
                                        np.array([8.0, 1.0, 2.0, 3.0]), np.zeros(4), np.ones(4))
-    assert names == ["score", "log_seconds_enroll", "log_seconds_test", "cohort_top_mean_enroll",
-                     "cohort_top_mean_test"]
+    assert names == ["score", "log_seconds_enroll", "log_seconds_test", "score_x_log_seconds_enroll",
+                     "score_x_log_seconds_test", "cohort_top_mean_enroll", "cohort_top_mean_test"]
     assert features[1, 1] == pytest.approx(math.log(2.0))
-    cal = Calibration(np.array([3.0, 0.1, 0.2, 0.0, 0.0]), -1.0, 0.01, names, config_hash="abc123")
+    assert features[1, 3] == pytest.approx(0.7 * math.log(2.0))
+    assert features[2, 4] == pytest.approx(0.3 * math.log(2.0))
+    plain, plain_names = quality_features(np.array([0.5]), np.array([2.0]), np.array([4.0]),
+                                          interactions=False)
+    assert plain_names == ["score", "log_seconds_enroll", "log_seconds_test"] and plain.shape == (1, 3)
+    weights = np.array([3.0, 0.1, 0.2, 0.0, 0.0, 0.0, 0.0])
+    cal = Calibration(weights, -1.0, 0.01, names, config_hash="abc123")
     path = cal.save(tmp_path / "calibration.json")
     json.loads(path.read_text())
     back = load_calibration(path)
@@ -218,7 +224,7 @@ def test_calibration_round_trip_and_hash_mismatch_refused(tmp_path):
     with pytest.raises(ValueError, match="does not match my-model") as err:
         back.check_model("fff999", "my-model")
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="expects 5"):
+    with pytest.raises(ValueError, match="expects 7"):
         back.apply(features[:, :3])
 
 
@@ -279,11 +285,16 @@ def test_trials_protocol_fits_applies_and_refuses_another_models_calibration(tmp
     assert "stored calibration" in again[2]["calibration_source"]
 
     # the score column is the AS-norm row's score: an identity calibration reproduces that row
-    identity = Calibration(np.eye(5)[0], 0.0, 0.5, stored["feature_names"])
+    identity = Calibration(np.eye(len(stored["feature_names"]))[0], 0.0, 0.5, stored["feature_names"])
     identity.save(tmp_path / "identity.json")
     same = run_protocol(model, {**reuse, "calibration": {"file": "identity.json"}}, tmp_path, batch_size=4)
     np.testing.assert_allclose(same[2].scores, normed.scores, rtol=1e-12)
     assert same[2]["cllr"] == pytest.approx(normed["cllr"])
+    # a calibration stored before the score x duration products (without those columns) still applies
+    legacy_names = [n for n in stored["feature_names"] if not n.startswith("score_x_")]
+    Calibration(np.eye(len(legacy_names))[0], 0.0, 0.5, legacy_names).save(tmp_path / "legacy.json")
+    legacy = run_protocol(model, {**reuse, "calibration": {"file": "legacy.json"}}, tmp_path, batch_size=4)
+    np.testing.assert_allclose(legacy[2].scores, normed.scores, rtol=1e-12)
 
     model.metadata = {"config_hash": "b" * 64}
     with pytest.raises(ValueError, match="does not match the model") as err:

@@ -348,7 +348,7 @@ def test_class_means_and_freeze_under_ddp_on_two_ranks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modality", ["face"])  # speakers: no transfer yet at this size (see the tool)
+@pytest.mark.parametrize("modality", ["face", "speaker"])
 def test_finetune_beats_untuned_and_scratch_on_disjoint_identities(modality: str, tmp_path: Path) -> None:
     """tools/bench_finetune.py at a small size: pretrain on one set of synthetic identities, fine-tune on
     DISJOINT identities with 3-5 samples each; on held-out samples of those identities the fine-tuned

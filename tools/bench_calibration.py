@@ -4,15 +4,22 @@
    utterances last ``min_seconds``-``max_seconds`` (uniform), with its trial list;
 2. the trials are split by speaker: dev trials use only the first half of the speakers, test trials only
    the second half (mixed non-target trials are dropped): no speaker of the test split is seen in the fit;
-3. the scoring system is the MFCC-mean baseline of the trials protocol (30 MFCCs of the Kaldi log-mel,
-   averaged over time, cosine; no training needed, so the tool runs in minutes): its cosines are far from
-   LLRs, and short utterances make them noisier, which is what calibration with durations corrects;
-4. on the test split: EER, minDCF(0.01), Cllr, minCllr and actual DCF(0.01) of the raw cosine (taken as the
-   LLR), of a calibration on the score alone and of one on the score and the log durations of both sides
-   (:func:`mlearn.evaluation.metrics.calibration.fit_calibration`, prior-weighted at P_target = 0.01).
+3. the scoring systems: the MFCC-mean baseline of the trials protocol (30 MFCCs of the Kaldi log-mel,
+   averaged over time, cosine; no training needed) and, with ``--model``, a trained speaker model
+   (whole utterances through :func:`mlearn.inference_audio.embed_wavs`, as ``mlearn eval`` does). Raw
+   cosines are far from LLRs, and short utterances make them noisier, which is what calibration with
+   durations corrects;
+4. on the test split, per system: EER, minDCF(0.01), Cllr, minCllr and actual DCF(0.01) of the raw cosine
+   (taken as the LLR) and of three calibrations: on the score alone, on the score and the log durations
+   of both sides, and on those plus the score times each log duration (the trials protocol's features,
+   :func:`mlearn.evaluation.metrics.calibration.quality_features`; all fitted by
+   :func:`mlearn.evaluation.metrics.calibration.fit_calibration`, prior-weighted at P_target = 0.01).
 
-  python tools/bench_calibration.py                    # ~3 min on 2 CPU cores
-  python tools/bench_calibration.py --out /tmp/bench_calibration.md
+The corpus is generated with seed ``CORPUS_SEED_OFFSET + --seed``: the quickstart corpora use seed 0,
+and the same seed would draw the same voices, i.e. a trained quickstart model's training speakers.
+
+  python tools/bench_calibration.py                    # ~1 min on 2 CPU cores
+  python tools/bench_calibration.py --model runs/speaker_quickstart --utterances 40 --trials 400000  # ~4 min
 """
 from __future__ import annotations
 
@@ -21,22 +28,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
 import torch
 
+from mlearn import load_model
 from mlearn.data.audio.fbank import INPUT_SCALE, kaldi_fbank
 from mlearn.data.synthetic.speech import make_speaker_dataset
 from mlearn.evaluation.metrics.calibration import fit_calibration, llr_metrics, quality_features
 from mlearn.evaluation.metrics.roc import roc_metrics
 from mlearn.evaluation.protocols.trials import mfcc_mean, read_trials
+from mlearn.inference_audio import embed_wavs
 
 P_TARGET = 0.01
+CORPUS_SEED_OFFSET = 1000
 
 
-def embed_wavs(root: Path, keys: List[str]) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+def mfcc_vectors(root: Path, keys: List[str]) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
     """MFCC-mean vector and duration (s) of each wav ``root / key``."""
     vectors, seconds = {}, {}
     for key in keys:
@@ -63,26 +73,43 @@ def figures(llr: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
             "min_cllr": calibration["min_cllr"], "act_dcf": calibration["act_dcf"][str(P_TARGET)]}
 
 
+def model_vectors(model: Any, root: Path, keys: List[str]) -> Dict[str, np.ndarray]:
+    """The model's embedding of each wav ``root / key`` (whole utterance, as ``mlearn eval``)."""
+    embeddings, _, failures = embed_wavs(model, [root / key for key in keys], progress=False)
+    if failures:
+        path, why = next(iter(failures.items()))
+        raise RuntimeError(f"{len(failures)} synthetic wavs could not be embedded, e.g. {path}: {why}")
+    return dict(zip(keys, embeddings["model"]))
+
+
 def run(root: Path, speakers: int, utterances: int, trials: int, min_seconds: float, max_seconds: float,
-        seed: int) -> Dict[str, Dict[str, float]]:
+        seed: int, model: Optional[Any] = None) -> Dict[str, Dict[str, float]]:
     make_speaker_dataset(root, num_speakers=1, utterances_per_speaker=1, num_val_speakers=speakers,
                          val_utterances_per_speaker=utterances, num_val_trials=trials,
-                         min_seconds=min_seconds, max_seconds=max_seconds, augmentation_files=0, seed=seed)
+                         min_seconds=min_seconds, max_seconds=max_seconds, augmentation_files=0,
+                         seed=CORPUS_SEED_OFFSET + seed)
     listed = read_trials(root / "val_trials.txt")
-    vectors, seconds = embed_wavs(root / "val", sorted(set(listed.enroll) | set(listed.test)))
-    unit = {k: v / np.linalg.norm(v) for k, v in vectors.items()}
-    scores = np.array([unit[e] @ unit[t] for e, t in zip(listed.enroll, listed.test)])
+    keys = sorted(set(listed.enroll) | set(listed.test))
+    vectors, seconds = mfcc_vectors(root / "val", keys)
+    systems = {"mfcc_mean": vectors}
+    if model is not None:
+        systems["model"] = model_vectors(model, root / "val", keys)
     enroll_s = np.array([seconds[e] for e in listed.enroll])
     test_s = np.array([seconds[t] for t in listed.test])
     labels = np.asarray(listed.labels, np.int64)
     dev, held_out = split_by_speaker(listed.enroll, listed.test)
-    with_durations, names = quality_features(scores, enroll_s, test_s)
-    results: Dict[str, Dict[str, float]] = {"raw cosine as LLR": figures(scores[held_out], labels[held_out])}
-    for name, columns in (("calibrated: score", [0]), ("calibrated: score + log durations", [0, 1, 2])):
-        calibration = fit_calibration(with_durations[dev][:, columns], labels[dev], prior=P_TARGET,
-                                      feature_names=[names[c] for c in columns])
-        llr = calibration.apply(with_durations[held_out][:, columns])
-        results[name] = figures(llr, labels[held_out])
+    results: Dict[str, Dict[str, float]] = {}
+    for system, system_vectors in systems.items():
+        unit = {k: v / np.linalg.norm(v) for k, v in system_vectors.items()}
+        scores = np.array([unit[e] @ unit[t] for e, t in zip(listed.enroll, listed.test)])
+        features, names = quality_features(scores, enroll_s, test_s)
+        results[f"{system}: raw cosine as LLR"] = figures(scores[held_out], labels[held_out])
+        for name, columns in (("calibrated: score", [0]), ("calibrated: score + log durations", [0, 1, 2]),
+                              ("calibrated: score + log durations + products", [0, 1, 2, 3, 4])):
+            calibration = fit_calibration(features[dev][:, columns], labels[dev], prior=P_TARGET,
+                                          feature_names=[names[c] for c in columns])
+            llr = calibration.apply(features[held_out][:, columns])
+            results[f"{system}: {name}"] = figures(llr, labels[held_out])
     results["_counts"] = {"dev_trials": float(dev.sum()), "test_trials": float(held_out.sum()),
                           "test_targets": float(labels[held_out].sum()),
                           "seconds_min": float(min(seconds.values())),
@@ -112,13 +139,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--trials", type=int, default=12000, help="before the split by speaker")
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--max-seconds", type=float, default=8.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help=f"the corpus uses {CORPUS_SEED_OFFSET} + SEED")
+    parser.add_argument("--model", default=None, help="a trained speaker model (model dir or run dir) to "
+                                                      "calibrate next to the MFCC-mean baseline")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(args.model) if args.model else None
         results = run(Path(tmp) / "speakers", args.speakers, args.utterances, args.trials, args.min_seconds,
-                      args.max_seconds, args.seed)
+                      args.max_seconds, args.seed, model)
     table = markdown(results)
     print(table + f"{time.perf_counter() - started:.0f} s")
     if args.out:

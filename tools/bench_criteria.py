@@ -12,13 +12,14 @@ with ``mlearn eval`` on the quickstart's disjoint held-out identities:
 The table gives mean ± population std over the seeds, the training time per optimizer step (median of
 the logged ``train/images_per_sec``, converted with the global batch) and each criterion's difference to
 ArcFace on the first metric; a criterion that does worse than ArcFace on this data is marked as such.
-Runs land in ``--out/<modality>/<criterion>/seed<N>``; a finished run (its results.json exists) is reused,
-so an interrupted table resumes.
+Runs land in ``--out/<modality>/<criterion>/seed<N>`` (``.../<criterion>/lr<LR>/seed<N>`` with ``--lr``); a
+finished run (its results.json exists) is reused, so an interrupted table resumes.
 
 Examples:
   python tools/bench_criteria.py                                     # the full table (hours on a CPU)
   python tools/bench_criteria.py --modalities face --seeds 0 --max-epochs 1 --limit-train-batches 20
   python tools/bench_criteria.py --markdown evaluation/LOSSES_table.md
+  python tools/bench_criteria.py --modalities speaker --criteria arcface sphereface2 --lr 0.01
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "arcface"
 SUITES = {"face": "evaluation/quickstart.yaml", "speaker": "evaluation/speaker_quickstart.yaml"}
-# (label, extractor from the model row of results.json, higher is better)
+# (label, extractor from the model row of results.json, higher is better, decimals in the table)
 METRICS = {
-    "face": [("accuracy %", lambda r: 100 * r["accuracy"], True),
-             ("TAR@1e-3 %", lambda r: 100 * _by_far(r["tar_at_far"], 1e-3), True),
-             ("EER %", lambda r: 100 * r["eer"], False)],
-    "speaker": [("EER %", lambda r: 100 * r["eer"], False),
-                ("minDCF0.01", lambda r: _by_far(r["min_dcf"], 0.01), False)],
+    "face": [("accuracy %", lambda r: 100 * r["accuracy"], True, 2),
+             ("TAR@1e-3 %", lambda r: 100 * _by_far(r["tar_at_far"], 1e-3), True, 2),
+             ("EER %", lambda r: 100 * r["eer"], False, 2)],
+    "speaker": [("EER %", lambda r: 100 * r["eer"], False, 2),
+                ("minDCF0.01", lambda r: _by_far(r["min_dcf"], 0.01), False, 3)],
 }
 
 
@@ -67,21 +68,26 @@ def _mlearn(args: Sequence[str], log: Path) -> None:
         raise RuntimeError(f"{shlex.join(cmd)} failed (exit {done.returncode}); see {log}")
 
 
-def run_one(modality: str, criterion: str, seed: int, out: Path, extra: List[str]) -> Dict[str, float]:
-    """Train and evaluate one (modality, criterion, seed) -> {metric label: value, 'ms/step': value}."""
-    run = out / modality / criterion / f"seed{seed}"
+def run_one(modality: str, criterion: str, seed: int, out: Path, extra: List[str],
+            lr: Optional[float] = None) -> Dict[str, float]:
+    """Train and evaluate one (modality, criterion, seed) -> {metric label: value, 'ms/step': value}.
+
+    ``lr``: the optimizer's learning rate instead of the quickstart's (runs kept apart under ``lr<LR>``)."""
+    run = out / modality / criterion / (f"lr{lr:g}" if lr is not None else "") / f"seed{seed}"
     results = run / "eval" / "results.json"
     if not results.is_file():
         run.parent.mkdir(parents=True, exist_ok=True)
         configs = ["--config", f"configs/{modality}/quickstart.yaml"]
         if criterion != BASELINE:
             configs += ["--config", f"configs/{modality}/criteria/{criterion}.yaml"]
-        log = run.parent / f"seed{seed}.log"
+        log = run.with_suffix(".log")
+        if lr is not None:
+            extra = [*extra, "--model.optimizer.init_args.lr", f"{lr:g}"]
         _mlearn(["train", *configs, "--seed_everything", str(seed), "--run_dir", str(run), *extra], log)
         _mlearn(["eval", "--model", str(run), "--suite", SUITES[modality], "--out", str(run / "eval")], log)
     rows = json.loads(results.read_text())["results"]
     model = next(r for r in rows if r.get("method") == "model")
-    values = {label: float(get(model)) for label, get, _ in METRICS[modality]}
+    values = {label: float(get(model)) for label, get, _, _ in METRICS[modality]}
     values["ms/step"] = _ms_per_step(run)
     return values
 
@@ -101,8 +107,9 @@ def _mean_std(values: List[float]) -> Tuple[float, float]:
 
 def table(modality: str, results: Dict[str, List[Dict[str, float]]]) -> List[str]:
     """Markdown rows: criterion | metrics mean ± std | ms/step | Δ first metric vs ArcFace."""
-    labels = [label for label, _, _ in METRICS[modality]] + ["ms/step"]
-    first, _, higher = METRICS[modality][0]
+    decimals = {label: digits for label, _, _, digits in METRICS[modality]}
+    labels = list(decimals) + ["ms/step"]
+    first, _, higher, _ = METRICS[modality][0]
     lines = ["| criterion | seeds | " + " | ".join(labels) + f" | Δ {first} vs {BASELINE} |",
              "|---" * (len(labels) + 3) + "|"]
     base = results.get(BASELINE)
@@ -111,7 +118,8 @@ def table(modality: str, results: Dict[str, List[Dict[str, float]]]) -> List[str
         cells = []
         for label in labels:
             mean, std = _mean_std([r[label] for r in runs])
-            cells.append(f"{mean:.2f} ± {std:.2f}" if label != "ms/step" else f"{mean:.0f} ± {std:.0f}")
+            digits = decimals.get(label, 0)  # ms/step: whole milliseconds
+            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
         delta = "-"
         if base_mean is not None and criterion != BASELINE:
             diff = _mean_std([r[first] for r in runs])[0] - base_mean
@@ -132,6 +140,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-epochs", type=int, default=None, help="override the quickstart's epochs")
     p.add_argument("--limit-train-batches", type=float, default=None, help="Lightning's, per epoch")
+    p.add_argument("--lr", type=float, default=None,
+                   help="the optimizer's learning rate for every run instead of the quickstart's")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_criteria")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     args = p.parse_args(argv)
@@ -148,10 +158,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         results: Dict[str, List[Dict[str, float]]] = {}
         for criterion in args.criteria:
             for seed in args.seeds:
-                values = run_one(modality, criterion, seed, args.out, extra)
+                values = run_one(modality, criterion, seed, args.out, extra, args.lr)
                 results.setdefault(criterion, []).append(values)
                 print(f"{modality} {criterion} seed={seed}: {values}", flush=True)
-        out_lines += [f"### {modality} ({SUITES[modality]}, seeds {args.seeds})", ""]
+        lr = f", learning rate {args.lr:g}" if args.lr is not None else ""
+        out_lines += [f"### {modality} ({SUITES[modality]}, seeds {args.seeds}{lr})", ""]
         out_lines += table(modality, results) + [""]
     text = "\n".join(out_lines)
     print(text)

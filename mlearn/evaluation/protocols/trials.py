@@ -324,7 +324,8 @@ def run(model: Any, options: TrialsOptions, root: Path, batch_size: int = 64,
         seconds = _seconds([_wav_path(wav_root, k) for k in keys], ok)
         features, names = _calibration_features(final_scores, seconds, e_idx, t_idx, mu)
         cal, source = _calibrate(model, options, root, wav_root, batch_size, cache, cohort, names)
-        calibrated = row(f"{rows[final]['method']}+calibrated", cal.apply(features),
+        columns = [names.index(feature) for feature in cal.feature_names]
+        calibrated = row(f"{rows[final]['method']}+calibrated", cal.apply(features[:, columns]),
                          {"normalisation": rows[final]["normalisation"], "calibration": cal.to_dict(),
                           "calibration_source": source})
         rows.insert(final + 1, calibrated)
@@ -383,9 +384,9 @@ def _calibrate(model: Any, options: TrialsOptions, root: Path, wav_root: Path, b
 
     ``{file: path}``: a stored :class:`Calibration`; ``{from_model: true}``: the one stored in the model
     (``mlearn export --calibration``, ``model.calibration``); both refused when fitted for another config
-    hash or other features. ``{dev_trials: path, prior: p}``: a trial list with keys below the same
-    ``wav_root``, embedded, scored and normalised exactly as the test trials, fitted by prior-weighted
-    logistic regression at ``prior`` (default the first minDCF P_target, 0.01)."""
+    hash or for features this protocol does not compute. ``{dev_trials: path, prior: p}``: a trial list
+    with keys below the same ``wav_root``, embedded, scored and normalised exactly as the test trials,
+    fitted by prior-weighted logistic regression at ``prior`` (default the first minDCF P_target, 0.01)."""
     name = options.benchmark
     spec = options.calibration or {}
     metadata = getattr(model, "metadata", None)
@@ -405,7 +406,8 @@ def _calibrate(model: Any, options: TrialsOptions, root: Path, wav_root: Path, b
             where = f"the calibration stored in model {model_name}"
             cal, source = Calibration.from_dict(stored, where), f"calibration stored in model {model_name}"
         cal.check_model(config_hash, f"the model evaluated on {name}")
-        if cal.feature_names != names:
+        before_products = [n for n in names if not n.startswith("score_x_")]  # calibrations stored earlier
+        if cal.feature_names not in (names, before_products):
             raise ValueError(f"{name}: {where} expects features {cal.feature_names}, this "
                              f"protocol computes {names} (a cohort adds the cohort columns)")
         return cal, source
