@@ -37,7 +37,12 @@ import torch
 from mlearn import load_model
 from mlearn.data.audio.fbank import INPUT_SCALE, kaldi_fbank
 from mlearn.data.synthetic.speech import make_speaker_dataset
-from mlearn.evaluation.metrics.calibration import fit_calibration, llr_metrics, quality_features
+from mlearn.evaluation.metrics.calibration import (
+    PRODUCT_PREFIX,
+    fit_calibration,
+    llr_metrics,
+    quality_features,
+)
 from mlearn.evaluation.metrics.roc import roc_metrics
 from mlearn.evaluation.protocols.trials import mfcc_mean, read_trials
 from mlearn.inference_audio import embed_wavs
@@ -104,8 +109,10 @@ def run(root: Path, speakers: int, utterances: int, trials: int, min_seconds: fl
         scores = np.array([unit[e] @ unit[t] for e, t in zip(listed.enroll, listed.test)])
         features, names = quality_features(scores, enroll_s, test_s)
         results[f"{system}: raw cosine as LLR"] = figures(scores[held_out], labels[held_out])
-        for name, columns in (("calibrated: score", [0]), ("calibrated: score + log durations", [0, 1, 2]),
-                              ("calibrated: score + log durations + products", [0, 1, 2, 3, 4])):
+        shift_only = [c for c, n in enumerate(names) if not n.startswith(PRODUCT_PREFIX)]
+        for name, columns in (("calibrated: score", [names.index("score")]),
+                              ("calibrated: score + log durations", shift_only),
+                              ("calibrated: score + log durations + products", list(range(len(names))))):
             calibration = fit_calibration(features[dev][:, columns], labels[dev], prior=P_TARGET,
                                           feature_names=[names[c] for c in columns])
             llr = calibration.apply(features[held_out][:, columns])

@@ -286,6 +286,9 @@ def fit_calibration(features: np.ndarray, labels: np.ndarray, prior: float = 0.0
                              "separated": separated})
 
 
+PRODUCT_PREFIX = "score_x_"  # names of quality_features' score x log-duration columns
+
+
 def quality_features(scores: np.ndarray, enroll_seconds: np.ndarray, test_seconds: np.ndarray,
                      enroll_cohort_mean: Optional[np.ndarray] = None,
                      test_cohort_mean: Optional[np.ndarray] = None,
@@ -304,8 +307,8 @@ def quality_features(scores: np.ndarray, enroll_seconds: np.ndarray, test_second
     log_test = np.log(np.asarray(test_seconds, np.float64))
     columns = {"score": scores, "log_seconds_enroll": log_enroll, "log_seconds_test": log_test}
     if interactions:
-        columns["score_x_log_seconds_enroll"] = scores * log_enroll
-        columns["score_x_log_seconds_test"] = scores * log_test
+        columns[PRODUCT_PREFIX + "log_seconds_enroll"] = scores * log_enroll
+        columns[PRODUCT_PREFIX + "log_seconds_test"] = scores * log_test
     if (enroll_cohort_mean is None) != (test_cohort_mean is None):
         raise ValueError("quality_features: pass both enroll_cohort_mean and test_cohort_mean, or neither")
     if enroll_cohort_mean is not None and test_cohort_mean is not None:

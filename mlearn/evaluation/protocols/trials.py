@@ -19,6 +19,7 @@ import numpy as np
 
 from mlearn.data import summarize_failures
 from mlearn.evaluation.metrics.calibration import (
+    PRODUCT_PREFIX,
     Calibration,
     fit_calibration,
     llr_metrics,
@@ -406,7 +407,7 @@ def _calibrate(model: Any, options: TrialsOptions, root: Path, wav_root: Path, b
             where = f"the calibration stored in model {model_name}"
             cal, source = Calibration.from_dict(stored, where), f"calibration stored in model {model_name}"
         cal.check_model(config_hash, f"the model evaluated on {name}")
-        before_products = [n for n in names if not n.startswith("score_x_")]  # calibrations stored earlier
+        before_products = [n for n in names if not n.startswith(PRODUCT_PREFIX)]  # as stored earlier
         if cal.feature_names not in (names, before_products):
             raise ValueError(f"{name}: {where} expects features {cal.feature_names}, this "
                              f"protocol computes {names} (a cohort adds the cohort columns)")
