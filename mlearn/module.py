@@ -16,6 +16,7 @@ from mlearn import _compat
 from mlearn.finetune import INIT_CENTERS, init_centers_from_class_means, load_initial_backbone
 from mlearn.heads import Criterion, Margin, PartialFC
 from mlearn.heads import distributed as D
+from mlearn.heads.row_step import is_elementwise_state
 from mlearn.quality import QualityConfig, QualityHead
 from mlearn.resume import rng_state_to_restore, save_rng_states, set_rng_state
 from mlearn.schedules import DEFAULT_SCHEDULE, LRSchedule, Schedule
@@ -48,13 +49,14 @@ class HeadConfig:
     chunk_size: Optional[int] = None
     chunk_memory_mb: Optional[float] = None
     criterion: Union[Criterion, str, None] = None
+    update_unsampled: bool = True
 
     def build(self, embedding_size: int, num_classes: int) -> PartialFC:
         """The classifier these settings describe, for ``embedding_size`` D and ``num_classes`` C."""
         return PartialFC(self.margin, embedding_size, num_classes, sample_rate=self.sample_rate,
                          num_subcenters=self.num_subcenters, straight_through=self.straight_through,
                          engine=self.engine, chunk_size=self.chunk_size, chunk_memory_mb=self.chunk_memory_mb,
-                         criterion=self.criterion)
+                         criterion=self.criterion, update_unsampled=self.update_unsampled)
 
 
 class EmbeddingModule(pl.LightningModule):
@@ -296,7 +298,10 @@ class EmbeddingModule(pl.LightningModule):
         result = optimizer_closure()
         used, self._samples_in_window = self._samples_in_window, False
         if used:
-            optimizer.step(closure=lambda: result)  # the closure already ran: hand over its result
+            assert self.head is not None
+            # Partial FC v1 (update_unsampled=False): the step moves only the sampled centers
+            with self.head.step_sampled_rows(getattr(optimizer, "optimizer", optimizer)):
+                optimizer.step(closure=lambda: result)  # the closure already ran: hand over its result
         return None
 
     def on_after_backward(self) -> None:
@@ -421,7 +426,7 @@ class EmbeddingModule(pl.LightningModule):
                     shape = (rows,) + shape[1:]
                 # a new dict: Optimizer.state_dict() shares the per-parameter dicts with the live optimizer
                 optimizer_state["state"][index] = {
-                    key: fn(self.head, value) if _shaped(value, shape) else value
+                    key: fn(self.head, value) if is_elementwise_state(value, shape) else value
                     for key, value in state.items()
                 }
 
@@ -463,11 +468,6 @@ def _check_num_classes(num_classes: int) -> None:
     if num_classes < 2:
         raise ValueError(f"model.num_classes={num_classes}: a classifier needs at least 2 classes "
                          "(identities); it is linked from the data when training from the CLI")
-
-
-def _shaped(value: Any, shape: tuple) -> bool:
-    """A per-row state tensor of that shape (not the step count, nor factored row/column state)."""
-    return torch.is_tensor(value) and tuple(value.shape) == shape
 
 
 def sync_nonfinite_grads(local: Iterable[nn.Parameter], params: Iterable[nn.Parameter]) -> bool:

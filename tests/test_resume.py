@@ -3,6 +3,7 @@ augmentation and Partial FC random streams, optimizer, schedule and margin state
 seeded epoch-permutation sampler that makes it possible."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -41,21 +42,22 @@ class Kill(pl.Callback):
             raise KeyError("killed")  # any exception: Lightning tears down and re-raises it
 
 
-def make_module() -> EmbeddingModule:
+def make_module(update_unsampled: bool = True, classes: int = CLASSES) -> EmbeddingModule:
     torch.manual_seed(0)
     backbone = IResNet(layers=[1, 1], width=8, embedding_size=16, input_size=SIZE, stem_stride=2, dropout=0.2)
-    head = HeadConfig(margin=AdaFace(s=16.0, m=0.3), sample_rate=0.5)
-    return EmbeddingModule(backbone, head, num_classes=CLASSES,
+    head = HeadConfig(margin=AdaFace(s=16.0, m=0.3), sample_rate=0.5, update_unsampled=update_unsampled)
+    return EmbeddingModule(backbone, head, num_classes=classes,
                            schedule=LRSchedule("poly", warmup_epochs=1.0), clip_backbone_grad_norm=2.0)
 
 
 def train(rec: Path, run_dir: Path, max_steps: int, every: int, kill: Optional[int] = None,
-          ckpt_path: Optional[str] = None, num_workers: int = 0) -> EmbeddingModule:
-    module = make_module()
+          ckpt_path: Optional[str] = None, num_workers: int = 0, update_unsampled: bool = True,
+          extra_callbacks: Optional[List[pl.Callback]] = None, classes: int = CLASSES) -> EmbeddingModule:
+    module = make_module(update_unsampled, classes)
     data = FaceDataModule(str(rec), batch_size=BATCH, num_workers=num_workers, image_size=SIZE,
                           augmentation="low_quality", seed=3)
     checkpoints = ModelCheckpoint(dirpath=run_dir, every_n_train_steps=every, save_last=True, save_top_k=-1)
-    callbacks: List[pl.Callback] = [checkpoints]
+    callbacks: List[pl.Callback] = [checkpoints] + list(extra_callbacks or [])
     if kill is not None:
         callbacks.insert(0, Kill(kill))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, logger=False,
@@ -88,6 +90,44 @@ def test_kill_and_resume_equals_straight_run(rec: Path, tmp_path: Path, n: int) 
     assert not torch.equal(after_n["head.weight"], straight["head.weight"])  # the second half did train
     assert not torch.equal(after_n["head.margin.batch_mean"], straight["head.margin.batch_mean"])
     assert_same(resumed, straight)
+
+
+class OnlySampledCentersMove(pl.Callback):
+    """Partial FC v1: after every optimizer step, the centers that were not sampled are as before it."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        self.before = module.head.weight.detach().clone()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        sampled = module.head.last_sample_index
+        others = torch.ones(module.head.num_classes, dtype=torch.bool)
+        others[sampled] = False
+        assert int(others.sum()) > 0
+        weight = module.head.weight.detach()
+        assert torch.equal(weight[others], self.before[others])
+        assert not torch.equal(weight[sampled], self.before[sampled])
+        self.steps += 1
+
+
+def test_partial_fc_v1_moves_only_sampled_centers_and_resumes_exactly(tiny_recordio: Callable,
+                                                                      tmp_path: Path) -> None:
+    classes = 16  # 2 images each: a batch of 8 holds at most 8 classes, sample_rate 0.5 keeps 8
+    rec = tiny_recordio(classes=classes, per_class=2, size=SIZE)
+    run = functools.partial(train, rec, max_steps=6, every=3, update_unsampled=False, classes=classes)
+    check = OnlySampledCentersMove()
+    straight = weights(run(tmp_path / "straight", extra_callbacks=[check]))
+    assert check.steps == 6
+    with pytest.raises(KeyError, match="killed"):
+        run(tmp_path / "resumed", kill=3)
+    last = tmp_path / "resumed" / "last.ckpt"
+    momentum = torch.load(last, weights_only=False)["optimizer_states"][0]["state"]
+    assert any(tuple(v["momentum_buffer"].shape) == (classes, 16) for v in momentum.values())  # full-size
+    assert_same(weights(run(tmp_path / "resumed", ckpt_path=str(last))), straight)
+    v2 = weights(run(tmp_path / "v2", update_unsampled=True))
+    assert not torch.equal(v2["head.weight"], straight["head.weight"])
 
 
 def test_resume_without_the_data_position_diverges(rec: Path, tmp_path: Path) -> None:

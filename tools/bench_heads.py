@@ -23,6 +23,10 @@ the closing table prints its x_gemm3 over the ArcFace softmax CE row's of the sa
 ``--dtype bf16``/``fp16``: the head runs under autocast (float32 master weight and gradient); gemm3 runs
 on bf16/fp16 operands.
 
+``--target-cosine c``: every embedding sits at cosine c to its class center instead of at random (as
+mid-training: what a margin does to the negatives depends on the target cosine; at random init every
+target cosine is ~0).
+
 Examples:
   python tools/bench_heads.py --classes 200000 1000000 --sample-rates 1.0 0.1 --repeats 2
   python tools/bench_heads.py --device cuda --dtype bf16 --classes 10000000 --sample-rates 1.0 \\
@@ -152,8 +156,11 @@ def _measure_head(cfg: Dict) -> Dict:
         engine=cfg["engine"], chunk_size=cfg["chunk_size"], chunk_memory_mb=cfg["chunk_memory_mb"],
         criterion=criterion,
     ).to(device)
-    emb = torch.randn(cfg["batch"], cfg["dim"], device=device, requires_grad=True)
     labels = torch.randint(0, cfg["classes"], (cfg["batch"],), device=device)
+    emb = torch.randn(cfg["batch"], cfg["dim"], device=device)
+    if cfg.get("target_cosine") is not None:
+        emb = _at_target_cosine(emb, head.weight.detach()[labels * head.num_subcenters], cfg["target_cosine"])
+    emb.requires_grad_()
     dtype = DTYPES[cfg["dtype"]]
 
     def step() -> None:
@@ -170,6 +177,14 @@ def _measure_head(cfg: Dict) -> Dict:
                  reference=lambda: _gemm3_step(ref_weight, ref_x))
     res["used"] = cfg["classes"] if head.last_sample_index is None else head.last_sample_index.numel()
     return res
+
+
+def _at_target_cosine(noise: torch.Tensor, centers: torch.Tensor, cosine: float) -> torch.Tensor:
+    """Unit embeddings [B, D] at ``cosine`` to their class centers [B, D], the rest of each along the
+    part of ``noise`` orthogonal to the center (as mid-training rather than at random init)."""
+    c = torch.nn.functional.normalize(centers.float(), dim=1)
+    orth = noise - (noise * c).sum(dim=1, keepdim=True) * c
+    return cosine * c + (1.0 - cosine**2) ** 0.5 * torch.nn.functional.normalize(orth, dim=1)
 
 
 def _in_subprocess(cfg: Dict) -> Dict:
@@ -219,13 +234,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--target-cosine", type=float, default=None,
+                   help="each embedding at this cosine to its class center (default: random embeddings, "
+                        "as at init); e.g. 0.48 puts half of CurricularFace's negatives in its hard set")
     args = p.parse_args(argv)
+    if args.target_cosine is not None and not -1.0 <= args.target_cosine <= 1.0:
+        p.error(f"--target-cosine {args.target_cosine}: expected a cosine in [-1, 1]")
 
     all_margins = [m for m in list_margins() if m != "normface"]  # an alias of softmax
     common = dict(dim=args.dim, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
-                  threads=args.threads, device=args.device, dtype=args.dtype)
+                  threads=args.threads, device=args.device, dtype=args.dtype,
+                  target_cosine=args.target_cosine)
+    at = "" if args.target_cosine is None else f" target_cosine={args.target_cosine}"
     print(f"device={args.device} dtype={args.dtype} threads={args.threads} D={args.dim} B={args.batch} "
-          f"repeats={args.repeats} (median) warmup={args.warmup} torch={torch.__version__}", flush=True)
+          f"repeats={args.repeats} (median) warmup={args.warmup}{at} torch={torch.__version__}", flush=True)
     header = (f"{'classes':>9} {'margin':<16} {'rate':>5} {'engine':<8} {'step_ms':>9} {'x_gemm3':>7} "
               f"{'peak_MB':>9} {'x_grad':>6}")
     print(header)

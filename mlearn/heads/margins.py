@@ -414,25 +414,35 @@ class CurricularFace(Margin):
         if known.numel():
             self.t.mul_(0.99).add_(0.01 * known.mean().to(self.t.dtype))
 
+    def _hard(self, batch: MarginBatch) -> torch.Tensor:
+        """[B, C] 1.0 where cosθ_j > cos(θ_y + m), else 0.0, in the cosine's dtype.
+
+        A float mask blended with ``torch.lerp`` (exact at weights 0 and 1), not a bool mask and
+        ``torch.where``: on CPU the bool comparison and ``where`` are far slower than arithmetic,
+        most of all on a mixed mask (closed form of a [256, 2048] block, 1 thread: 6.1 ms with
+        ``where`` vs 0.35 ms at half the entries hard; 1.1 vs 0.36 ms at nearly all).
+        """
+        cosine = batch.cosine.detach()
+        threshold = _cos_add(batch.target_cosine, self.m)  # [B]
+        hard = torch.gt(cosine, threshold[:, None], out=torch.empty_like(cosine))
+        if not bool(batch.known.all()):
+            hard.mul_(batch.known[:, None].to(hard.dtype))
+        return hard
+
     def other_logits(self, batch: MarginBatch) -> torch.Tensor:
         cosine = batch.cosine
-        threshold = _cos_add(batch.target_cosine, self.m)  # [B]
-        hard = cosine.detach() > threshold[:, None]
-        if not bool(batch.known.all()):
-            hard &= batch.known[:, None]
         t = self.t.to(cosine.dtype)
-        return torch.where(hard, cosine * (t + cosine), cosine)
+        return torch.lerp(cosine, cosine * (t + cosine), self._hard(batch))
 
     def other_logits_with_grad(self, batch: MarginBatch) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         cosine = batch.cosine.detach()
-        threshold = _cos_add(batch.target_cosine, self.m)
-        hard = cosine > threshold[:, None]
-        if not bool(batch.known.all()):
-            hard &= batch.known[:, None]
-        t = self.t.to(cosine.dtype)
-        shifted = cosine + t
-        logits = torch.where(hard, cosine * shifted, cosine)
-        return logits, torch.where(hard, shifted.add_(cosine), 1.0)
+        hard = self._hard(batch)
+        shifted = cosine + self.t.to(cosine.dtype)
+        product = shifted * cosine
+        logits = torch.lerp(cosine, product, hard, out=product)
+        # d/dcos: t + 2·cos where hard, 1 elsewhere
+        one = torch.ones((), dtype=cosine.dtype, device=cosine.device).expand_as(cosine)
+        return logits, torch.lerp(one, shifted.add_(cosine), hard, out=shifted)
 
     def target_logit(self, target: torch.Tensor, batch: MarginBatch) -> torch.Tensor:
         return _arc_with_fallback(target, self.m)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from contextlib import nullcontext
+from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from mlearn.heads import chunked as C
 from mlearn.heads import distributed as D
 from mlearn.heads.criteria import Criterion, build_criterion, dense_criterion_loss
 from mlearn.heads.margins import Margin, Softmax
+from mlearn.heads.row_step import step_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,11 @@ class PartialFC(nn.Module):
     used. As in arcface_torch's PartialFC_V2, ``weight.grad`` is dense with zero rows for the
     unsampled classes, so an optimizer still moves those rows: SGD momentum keeps applying their
     velocity (decaying by the momentum factor each step) and weight decay shrinks them every step,
-    as if they had been sampled with a zero loss gradient. arcface_torch v1 updated only the sampled
-    rows (their optimizer state included); that behaviour needs a sparse optimizer step and is not
-    offered here.
+    as if they had been sampled with a zero loss gradient. ``update_unsampled=False`` gives arcface_torch
+    v1's behaviour instead: only the rows sampled since the last optimizer step move, their optimizer
+    state included, when the step runs inside :meth:`step_sampled_rows` (:class:`mlearn.module.
+    EmbeddingModule` does that); the other rows and their state stay exactly as they were. Optimizers
+    with a step count (Adam) count steps per parameter, not per row.
 
     Engine (``engine="chunked"``, the default): the loss and its exact gradients are computed over
     blocks of classes (:mod:`mlearn.heads.chunked`): no [B, C] logits tensor and no normalised copy
@@ -121,6 +125,8 @@ class PartialFC(nn.Module):
             replicated and its gradient all-reduced by the criterion
             (:meth:`replicated_parameter_names`: keep it out of DDP).
         record_certainty: record ``last_certainty`` on every forward (see Certainty above).
+        update_unsampled: with ``sample_rate < 1``, True (arcface_torch v2): the optimizer moves every
+            center; False (v1): only the sampled ones, through :meth:`step_sampled_rows`.
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class PartialFC(nn.Module):
         chunk_memory_mb: Optional[float] = None,
         criterion: Optional[Any] = None,
         record_certainty: bool = False,
+        update_unsampled: bool = True,
     ) -> None:
         super().__init__()
         criterion = _check_criterion(margin, criterion)
@@ -182,6 +189,9 @@ class PartialFC(nn.Module):
         self.sample_step = 0
         self.last_sample_index: Optional[torch.Tensor] = None
         self.record_certainty = bool(record_certainty)
+        self.update_unsampled = bool(update_unsampled)
+        #: [num_local] True for the classes sampled since the last :meth:`step_sampled_rows` (v1 only)
+        self._sampled_since_step: Optional[torch.Tensor] = None
         self.last_certainty: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.last_global_batch = 0  # rows of the last forward's global batch (all ranks)
         self.register_state_dict_post_hook(_gather_weight_hook)
@@ -224,7 +234,8 @@ class PartialFC(nn.Module):
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}, "
-            f"straight_through={self.straight_through}, engine={self.engine}, "
+            f"straight_through={self.straight_through}, update_unsampled={self.update_unsampled}, "
+            f"engine={self.engine}, "
             f"record_certainty={self.record_certainty}, shard=[{self.class_start}, "
             f"{self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}"
         )
@@ -279,7 +290,24 @@ class PartialFC(nn.Module):
         remapped = local.clone()
         remapped[valid] = torch.searchsorted(index, local[valid])
         self.last_sample_index = index
+        if not self.update_unsampled:
+            if self._sampled_since_step is None:
+                self._sampled_since_step = torch.zeros(self.num_local, dtype=torch.bool, device=device)
+            self._sampled_since_step[index] = True
         return index, remapped
+
+    def step_sampled_rows(self, optimizer: torch.optim.Optimizer) -> ContextManager[None]:
+        """``with head.step_sampled_rows(optimizer): optimizer.step()``: with ``update_unsampled=False``
+        the step moves only the centers of the classes sampled since the previous call (every forward
+        of a gradient-accumulation window), their elementwise optimizer state included
+        (:func:`mlearn.heads.row_step.step_rows`); otherwise, or when nothing was sampled, a plain step."""
+        sampled, self._sampled_since_step = self._sampled_since_step, None
+        if self.update_unsampled or sampled is None:
+            return nullcontext()
+        k = self.num_subcenters
+        classes = torch.nonzero(sampled).squeeze(1)
+        rows = (classes[:, None] * k + torch.arange(k, device=classes.device)).reshape(-1)
+        return step_rows(self.weight, rows, optimizer)
 
     def uses_chunked_engine(self) -> bool:
         """True when forward runs :mod:`mlearn.heads.chunked` (see ``engine``)."""
